@@ -1,0 +1,25 @@
+"""Memory policies, selected by name.
+
+`make_policy("window", window=12)` builds one; `POLICIES` lists them all.
+"""
+
+from ..errors import TetherError
+from .base import AttentionView, CachedFrame, Layout, MemoryPolicy
+from .full import FullContext
+from .window import SlidingWindow
+
+POLICIES = {cls.name: cls for cls in (FullContext, SlidingWindow)}
+
+
+def register(cls):
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def make_policy(name: str, chunk_frames: int = 3, **options) -> MemoryPolicy:
+    if name not in POLICIES:
+        raise TetherError(f"unknown policy '{name}' (known: {', '.join(sorted(POLICIES))})")
+    try:
+        return POLICIES[name](chunk_frames=chunk_frames, **options)
+    except TypeError as e:
+        raise TetherError(f"bad options for policy '{name}': {e}") from None
