@@ -50,9 +50,9 @@ TOY_WEIGHTS_FILE = "text_encoder.safetensors"
 TOY_CONFIG_FILE = "text_encoder_config.json"
 TOY_TOKENIZER_FILE = "tokenizer.json"
 
-# The sizes of Wan2.1's umt5-xxl encoder. Only the two values that cannot be
-# read off tensor shapes (max distance, epsilon) are ever taken from here
-# when converting a checkpoint; the rest document what a real one looks like.
+# Wan2.1's umt5-xxl encoder. When converting a checkpoint, sizes are read off
+# tensor shapes; this supplies what shapes cannot tell (activation, maximum
+# relative distance, epsilon) and stands in for sizes whose tensors are absent.
 UMT5_XXL_CONFIG = dict(
     vocab_size=256384,
     d_model=4096,
@@ -412,24 +412,18 @@ def _assign_weights(config: UMT5Config, state_dict: Mapping[str, Tensor]) -> UMT
 
 
 def load_wan_t5_checkpoint(path: str | Path, config: UMT5Config | None = None) -> UMT5EncoderModel:
-    """Load Wan's `models_t5_umt5-xxl-enc-bf16.pth` (or a same-named smaller one) into transformers' UMT5.
+    """Load a T5 encoder state dict in Wan's naming (`models_t5_umt5-xxl-enc-bf16.pth`) into transformers' UMT5.
 
     Sizes are read from tensor shapes unless `config` is given. The weights
-    keep the file's dtype.
+    keep the file's dtype. Raises TetherError if the file does not fit.
     """
     path = Path(path)
-    try:
-        # mmap avoids holding the 11 GB file in memory twice while renaming.
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # Files in torch's legacy (pre-zip) format cannot be memory-mapped.
-        state_dict = _load_weights_only(path)
-    except Exception as error:
-        raise TetherError(f"cannot read text encoder checkpoint {path}: {error}") from None
+    state_dict = _read_state_dict(path)
     if not isinstance(state_dict, Mapping) or not all(isinstance(t, Tensor) for t in state_dict.values()):
         raise TetherError(f"{path} is not a state dict of tensors")
 
-    config = config or umt5_config_from_wan_state_dict(state_dict)
+    if config is None:
+        config = umt5_config_from_wan_state_dict(state_dict)
     with torch.device("meta"):
         shape_model = UMT5EncoderModel(config)
     # Check in the file's own naming so the error names keys the user can find.
@@ -438,9 +432,15 @@ def load_wan_t5_checkpoint(path: str | Path, config: UMT5Config | None = None) -
     return _assign_weights(config, renamed)
 
 
-def _load_weights_only(path: Path):
+def _read_state_dict(path: Path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            # mmap keeps the 11 GB file out of memory until tensors are used,
+            # and the model then takes the tensors as they are.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            # Files in torch's legacy (pre-zip) format cannot be memory-mapped.
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise TetherError(f"cannot read text encoder checkpoint {path}: {error}") from None
 
@@ -494,13 +494,6 @@ def load_text_encoder(
     return encoder.to(device=device, dtype=dtype)
 
 
-def _describe_mismatch(item) -> str:
-    if isinstance(item, tuple) and len(item) == 3:
-        key, file_shape, model_shape = item
-        return f"{key} {list(file_shape)} != {list(model_shape)}"
-    return str(item)
-
-
 def _sibling_tokenizer_folder(checkpoint: Path) -> Path:
     for name in SIBLING_TOKENIZER_DIRS:
         if (checkpoint.parent / name).is_dir():
@@ -517,6 +510,13 @@ def _load_wan(checkpoint: Path, tokenizer_folder: Path, text_len: int | None) ->
     return TextEncoder(tokenizer, model, text_len or WAN_TEXT_LEN)
 
 
+def _describe_mismatch(item) -> str:
+    if isinstance(item, tuple) and len(item) == 3:
+        key, file_shape, model_shape = item
+        return f"{key} {list(file_shape)} != {list(model_shape)}"
+    return str(item)
+
+
 def _load_diffusers(folder: Path, tokenizer_folder: Path | None, dtype, text_len: int | None) -> TextEncoder:
     tokenizer_folder = tokenizer_folder or folder / DIFFUSERS_TOKENIZER_DIR
     try:
@@ -530,10 +530,9 @@ def _load_diffusers(folder: Path, tokenizer_folder: Path | None, dtype, text_len
         )
     except (OSError, ValueError) as error:
         raise TetherError(f"cannot load text encoder from {folder / DIFFUSERS_ENCODER_DIR}: {error}") from None
-    # from_pretrained only warns about missing weights and leaves them random.
-    # Unexpected keys are let through: a full UMT5 checkpoint carries decoder
-    # weights the encoder never reads. Missing or mismatched ones would be
-    # left random, which from_pretrained only warns about.
+    # from_pretrained only warns about missing weights and leaves them random,
+    # so those are errors here. Unexpected keys are let through: a full UMT5
+    # checkpoint carries decoder weights the encoder never reads.
     _raise_if_unfit(
         str(folder / DIFFUSERS_ENCODER_DIR),
         missing=sorted(key for key in loading_info.get("missing_keys", []) if key != TIED_EMBEDDING_KEY),
