@@ -187,6 +187,21 @@ def test_shape_inference_without_a_named_match_needs_wan_head_size(tmp_path):
     assert load_transformer(tmp_path / "odd.pt", config=odd.config).config.dim == 96
 
 
+# ---- plain safetensors files ---------------------------------------------------------------
+
+
+def test_plain_safetensors_with_comfy_prefix_or_diffusers_names(tmp_path, inputs):
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    source = tiny_model(15)
+    save_file({"model.diffusion_model." + k: v for k, v in weights_of(source).items()}, tmp_path / "comfy.safetensors")
+    save_file(convert_wan_transformer_to_diffusers(weights_of(source)), tmp_path / "diffusers.safetensors")
+    for name in ("comfy.safetensors", "diffusers.safetensors"):
+        assert detect_format(tmp_path / name) == "safetensors"
+        loaded = load_transformer(tmp_path / name)
+        assert torch.equal(outputs(loaded, inputs), outputs(source, inputs))
+
+
 # ---- LongLive base + LoRA -------------------------------------------------------------
 
 
@@ -247,6 +262,12 @@ def test_longlive_base_plus_lora(tmp_path, inputs):
     # The base file with lora= is the same thing; without lora_alpha, alpha = rank (scale 1).
     same = load_transformer(folder / "longlive_base.pt", lora=folder / "lora.pt", lora_alpha=8)
     assert_same_weights(same, weights_of(merged))
+    # A PEFT adapter folder records alpha in adapter_config.json.
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert detect_format(tmp_path / "adapter") == "lora"
+    from_adapter = load_transformer(folder / "longlive_base.pt", lora=tmp_path / "adapter")
+    assert_same_weights(from_adapter, weights_of(merged))
+
     unit_scale = load_transformer(folder / "longlive_base.pt", lora=folder / "lora.pt")
     module = "blocks.1.self_attn.v"
     delta = lora_state[f"base_model.model.{module}.lora_B.weight"] @ lora_state[f"base_model.model.{module}.lora_A.weight"]

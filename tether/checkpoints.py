@@ -84,6 +84,7 @@ def detect_format(path) -> str:
     """What `path` is: one of `FORMATS`. A string naming a config is "config".
 
     Raises `TetherError` for a missing path or anything tether cannot read.
+    A `.pt` file is opened (memory-mapped, so cheaply) to tell a LoRA from a model.
     """
     if isinstance(path, str) and path in CONFIGS:
         return "config"
@@ -128,6 +129,8 @@ def load_transformer(source, dtype=None, device=None, ema=False, lora=None, lora
     config: a config name or `ModelConfig` that overrides whatever the
         checkpoint states or its shapes suggest (the strict check still applies).
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TetherError(f"dtype must be a floating point torch.dtype, not {dtype}")
     if isinstance(source, str) and source in CONFIGS:
         if ema or lora is not None or lora_alpha is not None or config is not None:
             raise TetherError(
@@ -735,10 +738,11 @@ def _merge_lora(checkpoint: Checkpoint, lora_alpha) -> None:
             absent.append(key)
             continue
         weight = checkpoint.weights[key]
-        rank = down.shape[0]
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != rank or (up.shape[0], down.shape[1]) != tuple(weight.shape):
+        fits = down.ndim == 2 and up.ndim == 2 and up.shape[1] == down.shape[0]
+        if not fits or (up.shape[0], down.shape[1]) != tuple(weight.shape):
             misfit.append(f"{key}: A {list(down.shape)}, B {list(up.shape)} vs weight {list(weight.shape)}")
             continue
+        rank = down.shape[0]
         alpha = lora_alpha if lora_alpha is not None else lora.alpha if lora.alpha is not None else rank
         scale = alpha / (math.sqrt(rank) if lora.rslora else rank)
         merged = weight.float() + scale * (up.float() @ down.float())
@@ -770,8 +774,6 @@ def _empty_model(cfg: ModelConfig) -> WanTransformer:
 def _random_model(cfg: ModelConfig, dtype) -> WanTransformer:
     """Random weights from seed 0, leaving the caller's random state alone."""
     dtype = dtype or torch.float32
-    if not dtype.is_floating_point:
-        raise TetherError(f"dtype must be a floating point type, not {dtype}")
     fp32_bytes = 4 * sum(p.numel() for p in _empty_model(cfg).parameters())
     build_dtype = dtype if fp32_bytes > DIRECT_DTYPE_BUILD_BYTES else torch.float32
     previous_default = torch.get_default_dtype()
