@@ -1,0 +1,60 @@
+"""End-to-end runs of the `tether` command, as a user types it."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tether.video import probe_video
+
+
+def tether(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "tether", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_end_to_end_with_a_switch(tmp_path):
+    out = tmp_path / "video.mp4"
+    result = tether("generate", "--timeline", "a red circle bounces on grass[1.5s] | a red circle rests on snow[1s#]",
+                    "--seed", "1", "--quiet", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    frames, fps, width, height = probe_video(str(out))
+    # 2 + 1 chunks: 9 frames for the first chunk (1 + 4 + 4), 12 for each later one
+    assert frames == 9 + 12 + 12
+    assert fps == 16
+    assert "wrote" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--timeline", "a[10s | b"], "timeline"),
+        (["--prompt", "x", "--seconds", "0"], "positive"),
+        (["--prompt", "x", "--seconds", "-2"], "positive"),
+        (["--prompt", "x", "--policy", "nope"], "unknown policy"),
+        (["--prompt", "x", "--timeline", "y"], "not allowed"),
+        (["--timeline", "/no/such/file.yaml"], "not found"),
+        (["--prompt", "x", "--checkpoint", "/no/such/ckpt.pt"], "not found"),
+        (["--prompt", "x", "-o", "/no/such/dir/out.mp4"], "/no/such/dir"),
+        (["--prompt", "x", "--switch", "sideways"], "unknown switch"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(tmp_path, args, fragment):
+    if "-o" not in args:
+        args = args + ["-o", str(tmp_path / "o.mp4")]
+    result = tether("generate", *args)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert fragment in lines[0]
+
+
+def test_incompatible_checkpoint_is_one_line(tmp_path):
+    bad = tmp_path / "bad.pt"
+    import torch
+
+    torch.save({"generator": {"model.nonsense.weight": torch.zeros(2)}}, bad)
+    result = tether("generate", "--prompt", "x", "--checkpoint", str(bad), "--base", str(tmp_path), "-o", str(tmp_path / "o.mp4"))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr

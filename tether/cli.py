@@ -1,0 +1,125 @@
+"""The `tether` command line.
+
+User mistakes end in one line on stderr and exit status 2, never a traceback.
+"""
+
+import argparse
+import sys
+import time
+
+from .errors import TetherError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise TetherError(f"{self.prog}: {message}")
+
+
+def _device(name: str):
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TetherError("--device cuda asked for, but no CUDA device is available")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise TetherError(f"unknown device '{name}' (use cpu or cuda)")
+    return name
+
+
+def _dtype(name):
+    import torch
+
+    if name is None:
+        return None
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise TetherError(f"unknown dtype '{name}' (use fp32, bf16 or fp16)")
+    return table[name]
+
+
+def add_model_arguments(p):
+    p.add_argument("--checkpoint", help="model to load (default: the built-in toy model)")
+    p.add_argument("--base", help="Wan2.1 folder supplying VAE and text encoder for a .pt generator")
+    p.add_argument("--ema", action="store_true", help="use generator_ema from a Self-Forcing/CausVid .pt")
+    p.add_argument("--lora", help="LoRA .pt to merge (LongLive)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: fp32 on cpu, bf16 on cuda)")
+
+
+def load_from_args(args):
+    from .pipeline import load_pipeline
+
+    return load_pipeline(args.checkpoint, base=args.base, device=_device(args.device), dtype=_dtype(args.dtype),
+                         ema=args.ema, lora=args.lora, lora_alpha=args.lora_alpha)
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .memory import make_policy
+    from .memory.switch import make_switch_rule
+    from .timeline import resolve_timeline
+    from .video import VideoWriter, check_writable
+
+    timeline = resolve_timeline(prompt=args.prompt, timeline=args.timeline, seconds=args.seconds)
+    make_policy(args.policy)  # fail on a bad name before loading anything
+    if args.switch:
+        make_switch_rule(args.switch)
+    check_writable(args.output)
+    torch.set_grad_enabled(False)
+    pipe = load_from_args(args)
+    if args.verbose:
+        print(f"model: {pipe.description}", file=sys.stderr)
+    frames_done = 0
+    started = time.perf_counter()
+    with VideoWriter(args.output, fps=pipe.fps) as writer, tqdm(total=timeline.num_chunks, unit="chunk",
+                                                               desc=f"generate [{args.policy}]", disable=args.quiet) as bar:
+        for chunk in pipe.generate(timeline, policy=args.policy, seed=args.seed, switch=args.switch):
+            writer.write(chunk.frames)
+            frames_done += len(chunk.frames)
+            bar.set_postfix(fps=f"{frames_done / (time.perf_counter() - started):.1f}", refresh=False)
+            bar.update(1)
+    elapsed = time.perf_counter() - started
+    print(f"wrote {args.output}: {frames_done} frames ({frames_done / pipe.fps:.1f} s of video) in {elapsed:.1f} s, "
+          f"{frames_done / elapsed:.1f} frames/s, policy {args.policy}, {pipe.description}")
+    return 0
+
+
+def build_parser():
+    parser = OneLineParser(prog="tether", description="Long, interactive, streaming video generation.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    g = sub.add_parser("generate", help="generate a video from a prompt or a prompt timeline")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt for the whole video")
+    source.add_argument("--timeline", help="'a fox runs[10s] | it stops[5s#]' or a .yaml/.json file")
+    g.add_argument("--seconds", type=float, help="video length (default 5 s for a single prompt)")
+    g.add_argument("--policy", default="window", help="memory policy (see README)")
+    g.add_argument("--switch", help="switch rule at prompt changes (default: the policy's own)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("-o", "--output", required=True, help="output .mp4")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--verbose", action="store_true")
+    add_model_arguments(g)
+    g.set_defaults(run=cmd_generate)
+    from .bench import add_bench_parser  # `tether bench speed`, and later benchmarks
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except TetherError as e:
+        print(f"tether: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tether: interrupted; what was written so far is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
