@@ -26,6 +26,7 @@ class Stream:
         self.latent_shape = tuple(latent_shape)
         self.sampler = sampler or getattr(policy, "make_sampler", lambda: None)() or FewStepSampler()
         self.switch_rule = make_switch_rule(switch or policy.default_switch)
+        self.switch_rule.check(policy)
         self.context_noise = context_noise
         self.chunk_frames = chunk_frames
         self.on_layout = on_layout

@@ -6,9 +6,11 @@
 from ..errors import TetherError
 from .base import AttentionView, CachedFrame, Layout, MemoryPolicy
 from .full import FullContext
+from .frame_sink import FrameSink
 from .window import SlidingWindow
 
 POLICIES = {cls.name: cls for cls in (FullContext, SlidingWindow)}
+POLICIES.update({cls.name: cls for cls in (FrameSink)})
 
 
 def register(cls):
