@@ -7,17 +7,12 @@ from ..errors import TetherError
 from .base import AttentionView, CachedFrame, Layout, MemoryPolicy
 from .full import FullContext
 from .frame_sink import FrameSink
-from .frame_sink import FrameSink
-from .infinity_rope import InfinityRope
-from .frame_sink import FrameSink
 from .infinity_rope import InfinityRope
 from .rolling import Rolling
 from .window import SlidingWindow
 
 POLICIES = {cls.name: cls for cls in (FullContext, SlidingWindow)}
 POLICIES.update({cls.name: cls for cls in (FrameSink, InfinityRope, Rolling)})
-POLICIES.update({cls.name: cls for cls in (FrameSink, InfinityRope)})
-POLICIES.update({cls.name: cls for cls in (FrameSink)})
 
 
 def register(cls):
