@@ -1,0 +1,46 @@
+"""`tether bench ...`: benchmarks, one sub-command each (`speed` now; `quality` can join later).
+
+Only argument definitions live here, so that building the CLI parser stays
+cheap; each benchmark's module (and torch) is imported when it runs.
+"""
+
+
+def add_bench_parser(subparsers) -> None:
+    """Register `tether bench` and its sub-commands on the top-level sub-parsers."""
+    bench = subparsers.add_parser("bench", help="measure tether: speed (and more later)")
+    # Same parser class as the parent, so bad arguments stay one-line TetherErrors.
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True, parser_class=type(bench))
+    _add_speed_parser(benchmarks)
+
+
+def _add_speed_parser(benchmarks) -> None:
+    from ..cli import add_model_arguments
+
+    p = benchmarks.add_parser(
+        "speed",
+        help="frames per second, chunk latency, memory and achieved FLOP/s of one policy",
+        description="Generate a video with one memory policy and measure speed, latency and memory on this machine. "
+                    "Text encoding runs once per prompt and is excluded from every timing.",
+    )
+    p.add_argument("--policy", default="window", help="memory policy to benchmark (default: window)")
+    p.add_argument("--seconds", type=float, default=10.0, help="video length to generate (default 10 s)")
+    p.add_argument("--config", help="benchmark a named transformer config with RANDOM weights (tiny, toy, "
+                                    "wan2.1-t2v-1.3b, ...) instead of a checkpoint")
+    p.add_argument("--height", type=int, help="video height (default: 480 for wan2.1-* configs, else 64)")
+    p.add_argument("--width", type=int, help="video width (default: 832 for wan2.1-* configs, else 64)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    p.add_argument("--no-decode", action="store_true", help="skip the VAE decode (transformer only)")
+    p.add_argument("--no-cache-chunks", type=int,
+                   help="chunks of the no-KV-cache comparison run (default: enough to fill the window, plus 4; 0 skips it)")
+    p.add_argument("--prompt", default="a red circle bounces on grass", help="the prompt (its content does not affect speed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_model_arguments(p)
+    p.set_defaults(run=_run_speed)
+
+
+def _run_speed(args) -> int:
+    from .speed import main
+
+    return main(args)
