@@ -58,7 +58,6 @@ BUILTIN_VAE_CONFIGS: dict[str, dict[str, Any]] = {
 }
 _BUILTIN_SEED = 0
 
-_ORIGINAL_SUFFIXES = {".pth", ".pt", ".ckpt", ".bin"}
 _DIFFUSERS_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _DIFFUSERS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
@@ -97,7 +96,7 @@ def load_vae(
     name = os.fspath(source)
     path = Path(name).expanduser()
 
-    if config is not None and not path.is_file():
+    if config is not None and (path.is_dir() or name in BUILTIN_VAE_CONFIGS):
         raise ValueError("config= only applies to single checkpoint files; folders and built-ins carry their own")
     if path.is_dir():
         vae = _load_diffusers_folder(path)
@@ -188,7 +187,10 @@ def _load_diffusers_folder(folder: Path) -> AutoencoderKLWan:
 def _read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
     index_path = folder / _DIFFUSERS_INDEX_NAME
     if index_path.is_file():
-        shard_names = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+        try:
+            shard_names = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as error:
+            raise TetherError(f"could not read weights index {index_path}: {error!r}") from None
         state_dict: dict[str, torch.Tensor] = {}
         for shard_name in shard_names:
             state_dict.update(_read_weights(folder / shard_name))
