@@ -9,10 +9,12 @@ from .full import FullContext
 from .frame_sink import FrameSink
 from .infinity_rope import InfinityRope
 from .rolling import Rolling
+from .slow_fast import SlowFast
 from .window import SlidingWindow
 
 POLICIES = {cls.name: cls for cls in (FullContext, SlidingWindow)}
 POLICIES.update({cls.name: cls for cls in (FrameSink, InfinityRope, Rolling)})
+POLICIES.update({cls.name: cls for cls in (SlowFast,)})
 
 
 def register(cls):
