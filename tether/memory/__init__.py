@@ -5,6 +5,8 @@
 
 from ..errors import TetherError
 from .base import AttentionView, CachedFrame, Layout, MemoryPolicy
+from .apr import AsymmetricProximityRecache
+from .dual import DualMemory
 from .full import FullContext
 from .frame_sink import FrameSink
 from .infinity_rope import InfinityRope
@@ -14,7 +16,7 @@ from .window import SlidingWindow
 
 POLICIES = {cls.name: cls for cls in (FullContext, SlidingWindow)}
 POLICIES.update({cls.name: cls for cls in (FrameSink, InfinityRope, Rolling)})
-POLICIES.update({cls.name: cls for cls in (SlowFast,)})
+POLICIES.update({cls.name: cls for cls in (SlowFast, DualMemory)})
 
 
 def register(cls):
