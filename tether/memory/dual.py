@@ -47,10 +47,10 @@ TRAINED_FRAMES = 21
 ANCHOR_FEATURES = ("latent", "pooled_keys")
 
 
-def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities [N, M] of features a [N, B, D] and b [M, B, D], averaged over the batch."""
-    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    return torch.einsum("nbd,mbd->nm", a, b) / a.shape[1]
+def cosine_matrix(features: list) -> list:
+    """Cosine similarities [N][N] (Python floats) of N features [B, D], averaged over the batch."""
+    x = F.normalize(torch.stack(features), dim=-1)
+    return (torch.einsum("nbd,mbd->nm", x, x) / x.shape[1]).tolist()
 
 
 class DualMemory(MemoryPolicy):
@@ -112,16 +112,19 @@ class DualMemory(MemoryPolicy):
         self.update_anchors(frames)
 
     def update_anchors(self, candidates: list) -> None:
-        anchors = torch.stack([a.feature for a in self.anchors])
-        novelty = 1 - cosine_matrix(torch.stack([c.feature for c in candidates]), anchors).amax(dim=1)
-        best = int(novelty.argmax())
-        similarity = cosine_matrix(anchors, anchors)
-        similarity = (similarity + similarity.T) / 2  # exact symmetry, so the closest pair ties exactly
-        others = ~torch.eye(len(self.anchors), dtype=torch.bool)
-        redundancy = similarity.masked_fill(~others, -float("inf")).amax(dim=1)
-        tied = (redundancy == redundancy.max()).nonzero().flatten()
-        spread = (similarity * others).sum(dim=1)
-        target = int(tied[spread[tied].argmax()])
+        count = len(self.anchors)
+        similarity = cosine_matrix([f.feature for f in self.anchors + candidates])
+
+        def between(i, j):  # symmetrised, so the closest pair of anchors ties exactly
+            return (similarity[i][j] + similarity[j][i]) / 2
+
+        novelty = [1 - max(row[:count]) for row in similarity[count:]]
+        best = max(range(len(candidates)), key=novelty.__getitem__)
+        others = [[j for j in range(count) if j != i] for i in range(count)]
+        redundancy = [max(between(i, j) for j in others[i]) for i in range(count)]
+        spread = [sum(between(i, j) for j in others[i]) for i in range(count)]
+        # largest redundancy, then the one closer to all the others, then the earlier slot
+        target = max(range(count), key=lambda i: (redundancy[i], spread[i]))
         if novelty[best] > redundancy[target]:
             self.anchors = self.anchors[:target] + [candidates[best]] + self.anchors[target + 1:]
 

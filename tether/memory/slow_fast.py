@@ -115,8 +115,8 @@ class SlowFast(MemoryPolicy):
 
     @property
     def max_frames(self) -> int:
-        # the fast FIFO's current chunk is the query, not a cached frame
-        return self.chunk_frames + self.slow_frames + self.fast_frames - self.chunk_frames
+        # sink + slow + the fast FIFO less its current chunk, which is the query, not a cached frame
+        return self.chunk_frames + self.slow_frames + (self.fast_frames - self.chunk_frames)
 
     def reset(self):
         super().reset()
