@@ -14,7 +14,7 @@ imports torch; its names are re-exported here lazily).
 
 from .episodes import SCENARIOS, Episode, episode
 from .prompts import describe, format_timeline, parse, parse_timeline, random_prompt, random_scene
-from .render import iter_clip, render_clip
+from .render import iter_clip, render_background, render_clip
 from .scene import FrameTruth, ObjectSpec, ObjectTruth, SceneChange, SceneSpec, Segment
 from .vocab import FPS, vocabulary
 
@@ -31,6 +31,6 @@ def __getattr__(name):
 
 __all__ = [
     "FPS", "vocabulary", "ObjectSpec", "SceneSpec", "SceneChange", "Segment", "FrameTruth", "ObjectTruth",
-    "render_clip", "iter_clip", "describe", "parse", "random_scene", "random_prompt", "parse_timeline",
+    "render_clip", "iter_clip", "render_background", "describe", "parse", "random_scene", "random_prompt", "parse_timeline",
     "format_timeline", "SCENARIOS", "Episode", "episode", *_PROBE_NAMES,
 ]

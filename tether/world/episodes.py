@@ -24,7 +24,7 @@ import numpy as np
 from tether.errors import TetherError
 
 from .prompts import describe, format_timeline, parse, random_scene
-from .render import DRIFT_SPEED, _rng, first_pixel_centre, footprint, iter_clip, render_clip
+from .render import DRIFT_SPEED, first_pixel_centre, footprint, iter_clip, render_clip, seeded_rng
 from .scene import ObjectSpec, SceneChange, SceneSpec, Segment
 from .vocab import BACKGROUNDS, CAMERA_PANS, COLOUR_NAMES, FPS, MOTIONS, PATTERNS, SHAPES, SIZES, WORLD_SIZE
 
@@ -199,5 +199,5 @@ def episode(name: str, seed: int = 0) -> Episode:
     """The scripted episode `name` (one of SCENARIOS), fully determined by `seed`."""
     if name not in _SCENARIOS:
         raise TetherError(f"unknown episode scenario {name!r}; known: {', '.join(SCENARIOS)}")
-    segments, facts, exit_plan = _SCENARIOS[name](_rng(int(seed), "episode:" + name))
+    segments, facts, exit_plan = _SCENARIOS[name](seeded_rng(int(seed), "episode:" + name))
     return Episode(name, int(seed), tuple(segments), facts, exit_plan)

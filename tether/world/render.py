@@ -12,7 +12,7 @@ so what an object looks like never depends on how many frames are rendered.
 
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple, Optional
 
@@ -23,7 +23,7 @@ from tether.errors import TetherError
 from .prompts import parse, parse_timeline
 from .scene import FrameTruth, ObjectSpec, ObjectTruth, SceneChange, SceneSpec, Segment
 from .vocab import (
-    BACKGROUNDS, COLOUR_NAMES, COLOURS, FPS, MOTIONS, OBJECT_ATTRIBUTES, PATTERNS, SHAPES, SIZE_DIAMETERS, SIZES,
+    BACKGROUNDS, COLOUR_NAMES, COLOURS, MOTIONS, OBJECT_ATTRIBUTES, PATTERNS, SHAPES, SIZE_DIAMETERS, SIZES,
     WORLD_SIZE,
 )
 
@@ -87,8 +87,11 @@ def footprint_in_frame(shape: str, size: str, x: float, y: float, scale: float) 
     return x + half_width > near and x - half_width < far and y + below > near and y - above < far
 
 
-def _rng(seed: int, purpose: str, *keys: int) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(purpose.encode()), *keys])
+def seeded_rng(seed: int, purpose: str, *keys: int) -> np.random.Generator:
+    """An independent random stream per (seed, purpose, keys): draws for one purpose never shift another's."""
+    if int(seed) != seed or seed < 0:
+        raise TetherError(f"seeds are non-negative integers, got {seed!r}")
+    return np.random.default_rng([int(seed), zlib.crc32(purpose.encode()), *keys])
 
 
 # ============================================================================ simulation
@@ -100,7 +103,7 @@ class _Actor:
 
     id: int
     attrs: dict
-    never_stated: set
+    never_stated: frozenset
     rng: np.random.Generator
     stated_now: frozenset = frozenset()
     x: float = 0.0
@@ -271,7 +274,7 @@ def _sample_attributes(seed: int, index: int, stated: ObjectSpec, others: list) 
 
     `others`: attribute dicts (possibly partial) of the scene's other objects.
     """
-    rng = _rng(seed, "attributes", index)
+    rng = seeded_rng(seed, "attributes", index)
     taken = {name: {o.get(name) for o in others} for name in ("shape", "colour")}
     pools = {"size": SIZES, "colour": COLOUR_NAMES, "pattern": PATTERNS, "shape": SHAPES, "motion": MOTIONS}
     attrs = {}
@@ -290,82 +293,110 @@ def _find_target(actors: list, target: ObjectSpec, prompt: str) -> "_Actor":
     raise TetherError(f"{prompt!r} names no object in the scene (it holds: {scene})")
 
 
-def _simulate(segments: list, seed: int, scale: float, placements: Optional[dict] = None):
-    """World state of every frame: list of _WorldFrame. `segments`: (statement, prompt, frames, cut).
+class _World:
+    """The running state of a timeline: background, camera and actors, advanced one frame at a time."""
+
+    def __init__(self, seed: int, scale: float):
+        self.seed, self.scale = seed, scale
+        self.actors = []
+        self.background = None
+        self.camera_offset = 0.0  # world px
+        self.camera_pan = 0.0
+
+    def apply_scene(self, scene: SceneSpec, new_shot: bool) -> list:
+        """Apply a scene description; returns the actors it creates.
+
+        Unstated attributes keep their current value, or for a new object
+        come from the seed. Without a cut, objects keep their positions.
+        """
+        if scene.background is not None:
+            self.background = scene.background
+        elif self.background is None:
+            self.background = BACKGROUNDS[seeded_rng(self.seed, "background").integers(len(BACKGROUNDS))]
+        self.camera_pan = scene.camera_pan
+        kept, fresh = self.actors[: len(scene.objects)], []
+        for i, spec in enumerate(scene.objects):
+            if i < len(kept):
+                actor = kept[i]
+                previous_motion = actor.attrs["motion"]
+                actor.attrs.update({n: getattr(spec, n) for n in spec.stated()})
+                if not new_shot and actor.attrs["motion"] != previous_motion:
+                    _start_motion(actor, actor.attrs["motion"])
+            else:
+                others = [a.attrs for a in kept] + [{n: getattr(o, n) for n in o.stated()} for o in scene.objects[i + 1:]]
+                attrs = _sample_attributes(self.seed, i, spec, others)
+                actor = _Actor(i, attrs, frozenset(OBJECT_ATTRIBUTES), seeded_rng(self.seed, "motion", i))
+                kept.append(actor)
+                fresh.append(actor)
+            actor.stated_now = spec.stated()
+            actor.never_stated = actor.never_stated - spec.stated()
+        self.actors = kept
+        return fresh
+
+    def apply_change(self, change: SceneChange, prompt: str) -> None:
+        for actor in self.actors:
+            actor.stated_now = frozenset()
+        if change.target is None:
+            self.camera_pan = change.camera_pan
+            return
+        actor = _find_target(self.actors, change.target, prompt)
+        (name, value), = change.changes().items()
+        actor.attrs[name] = value
+        actor.stated_now = change.target.stated() | {name}
+        actor.never_stated = actor.never_stated - actor.stated_now
+        if name == "motion":
+            _start_motion(actor, value)
+
+    def start_shot(self, segment: int, placements: Optional[dict]) -> None:
+        """New random positions and camera offset (first segment and scene cuts)."""
+        _place_apart(self.actors, seeded_rng(self.seed, "placement", segment))
+        self.camera_offset = float(seeded_rng(self.seed, "camera", segment).uniform(0, BACKGROUND_TILE_WIDTH))
+        for actor_id, (x, y) in (placements or {}).items():
+            actor = self.actors[actor_id]
+            actor.x, actor.y, actor.last_visible = float(x), float(y), None
+
+    def record(self, segment: int) -> _WorldFrame:
+        snapshots = []
+        for actor in self.actors:
+            visible = actor.visible(self.scale)
+            if visible:
+                actor.last_visible = (actor.x, actor.y)
+            a = actor.attrs
+            snapshots.append(_ActorFrame(
+                actor.id, (a["shape"], a["colour"], a["pattern"], a["size"]), a["motion"], actor.x, actor.y,
+                visible, actor.stated_now, actor.never_stated,
+            ))
+        return _WorldFrame(segment, self.background, self.camera_offset, tuple(snapshots))
+
+    def step(self) -> None:
+        for actor in self.actors:
+            _step(actor)
+        self.camera_offset += self.camera_pan
+
+
+def _simulate(segments: list, seed: int, scale: float, placements: Optional[dict] = None) -> list:
+    """World state of every frame (list of _WorldFrame). `segments`: (statement, prompt, frames, cut).
 
     Trajectories do not depend on `scale`; only which frames count as visible
     (and so where a returning object re-enters) does, by a sub-pixel.
     """
-    actors, frames = [], []
-    background, camera_offset, camera_pan = None, 0.0, 0.0
+    world, frames = _World(seed, scale), []
     for index, (statement, prompt, count, cut) in enumerate(segments):
         new_shot = index == 0 or cut
         fresh = []
         if isinstance(statement, SceneSpec):
-            if statement.background is not None:
-                background = statement.background
-            elif background is None:
-                background = BACKGROUNDS[_rng(seed, "background").integers(len(BACKGROUNDS))]
-            camera_pan = statement.camera_pan
-            kept = actors[: len(statement.objects)]
-            for i, spec in enumerate(statement.objects):
-                if i < len(kept):
-                    actor = kept[i]
-                    previous_motion = actor.attrs["motion"]
-                    actor.attrs.update({n: getattr(spec, n) for n in spec.stated()})
-                    if not new_shot and actor.attrs["motion"] != previous_motion:
-                        _start_motion(actor, actor.attrs["motion"])
-                else:
-                    others = [a.attrs for a in kept] + [
-                        {n: getattr(o, n) for n in o.stated()} for o in statement.objects[i + 1:]
-                    ]
-                    attrs = _sample_attributes(seed, i, spec, others)
-                    actor = _Actor(i, attrs, set(OBJECT_ATTRIBUTES) - spec.stated(), _rng(seed, "motion", i))
-                    kept.append(actor)
-                    fresh.append(actor)
-                actor.stated_now = spec.stated()
-                actor.never_stated -= spec.stated()
-            actors = kept
+            fresh = world.apply_scene(statement, new_shot)
+        elif index == 0:
+            raise TetherError(f"a timeline starts with a scene description ('a ...'), not {prompt!r}")
         else:
-            if index == 0:
-                raise TetherError(f"a timeline starts with a scene description ('a ...'), not {prompt!r}")
-            for actor in actors:
-                actor.stated_now = frozenset()
-            if statement.target is None:
-                camera_pan = statement.camera_pan
-            else:
-                actor = _find_target(actors, statement.target, prompt)
-                (name, value), = statement.changes().items()
-                actor.attrs[name] = value
-                actor.stated_now = statement.target.stated() | {name}
-                actor.never_stated -= actor.stated_now
-                if name == "motion":
-                    _start_motion(actor, value)
+            world.apply_change(statement, prompt)
         if new_shot:
-            _place_apart(actors, _rng(seed, "placement", index))
-            camera_offset = float(_rng(seed, "camera", index).uniform(0, BACKGROUND_TILE_WIDTH))
-            if index == 0 and placements:
-                for actor_id, (x, y) in placements.items():
-                    actors[actor_id].x, actors[actor_id].y = float(x), float(y)
-                    actors[actor_id].last_visible = None
+            world.start_shot(index, placements if index == 0 else None)
         elif fresh:
-            _place_apart(fresh, _rng(seed, "placement", index))
-
+            _place_apart(fresh, seeded_rng(seed, "placement", index))
         for _ in range(count):
-            snapshots = []
-            for actor in actors:
-                visible = actor.visible(scale)
-                if visible:
-                    actor.last_visible = (actor.x, actor.y)
-                a = actor.attrs
-                snapshots.append(_ActorFrame(
-                    actor.id, (a["shape"], a["colour"], a["pattern"], a["size"]), a["motion"], actor.x, actor.y,
-                    visible, actor.stated_now, frozenset(actor.never_stated),
-                ))
-            frames.append(_WorldFrame(index, background, camera_offset, tuple(snapshots)))
-            for actor in actors:
-                _step(actor)
-            camera_offset += camera_pan
+            frames.append(world.record(index))
+            world.step()
     return frames
 
 
@@ -460,7 +491,7 @@ def _brick(rng, xs, ys):
 def _background_tile(name: str, seed: int, size: int) -> np.ndarray:
     """[size, 4*size, 3] float32 texture, periodic in x, different for every seed."""
     scale = size / WORLD_SIZE
-    rng = _rng(seed, "texture", BACKGROUNDS.index(name))
+    rng = seeded_rng(seed, "texture", BACKGROUNDS.index(name))
     xs = ((np.arange(int(round(BACKGROUND_TILE_WIDTH * scale))) + 0.5) / scale).astype(np.float32)
     ys = ((np.arange(size) + 0.5) / scale).astype(np.float32)
     painters = {"grass": _grass, "desert": _desert, "ocean": _ocean, "snow": _snow, "brick": _brick}
@@ -574,7 +605,7 @@ def _paint(look: tuple, dx, dy, distance, scale: float):
         stripes = np.clip(0.5 + 0.9 * np.sin(2 * np.pi * (dx + dy) / (5.0 * scale)), 0, 1)[:, None]
         fill = base * (1 - 0.55 * stripes)
     elif pattern == "dotted":
-        period = 5.0 * scale
+        period = 4.0 * scale  # dense enough that a small star still shows several dots
         gx, gy = dx / period, dy / period
         gap = np.hypot(gx - np.round(gx), gy - np.round(gy)) * period
         dots = np.clip(1.0 * scale + 0.5 - gap, 0, 1)[:, None]
@@ -657,16 +688,21 @@ def _check_size(size: int) -> int:
     return int(size)
 
 
-def iter_clip(source, num_frames=None, seed: int = 0, size: int = 64, *, chunk_frames: int = 256, placements=None):
+def iter_clip(source, num_frames=None, seed: int = 0, size: int = 64, *, chunk_frames: int = 256,
+              placements=None, only=None):
     """Like render_clip, but yields (frames [n,H,W,3] uint8, truths) chunks of at most `chunk_frames`."""
     size = _check_size(size)
     scale = size / WORLD_SIZE
     world = _simulate(_statements(source, num_frames), int(seed), scale, placements)
-    for start in range(0, len(world), chunk_frames):
-        yield _draw(world[start:start + chunk_frames], start, int(seed), size, scale)
+    indices = list(range(len(world))) if only is None else [int(i) for i in only]
+    if any(not 0 <= i < len(world) for i in indices):
+        raise TetherError(f"frame indices must lie in [0, {len(world)})")
+    for start in range(0, len(indices), chunk_frames):
+        chunk = indices[start:start + chunk_frames]
+        yield _draw([world[i] for i in chunk], chunk, int(seed), size, scale)
 
 
-def render_clip(source, num_frames=None, seed: int = 0, size: int = 64, *, placements=None):
+def render_clip(source, num_frames=None, seed: int = 0, size: int = 64, *, placements=None, only=None):
     """Render a clip: returns (frames uint8 [T, size, size, 3], list of FrameTruth).
 
     `source`: a SceneSpec, a scene prompt ("a red circle bounces on grass"), a
@@ -676,15 +712,32 @@ def render_clip(source, num_frames=None, seed: int = 0, size: int = 64, *, place
     otherwise cuts or extends the last segment. Unstated attributes and all
     positions come from `seed`. `placements`: {object index: (x, y)} start
     positions in world px (64-px frame) for the first shot, used by scripted
-    episodes.
+    episodes. `only`: frame indices to draw (all frames are still simulated),
+    e.g. to sample training frames from long clips cheaply.
     """
-    chunks = list(iter_clip(source, num_frames, seed, size, placements=placements))
+    chunks = list(iter_clip(source, num_frames, seed, size, placements=placements, only=only))
     frames = np.concatenate([c[0] for c in chunks])
     truths = [t for c in chunks for t in c[1]]
     return frames, truths
 
 
-def _draw(world: list, first_index: int, seed: int, size: int, scale: float):
+def render_background(background: str, camera_offsets, seed: int = 0, size: int = 64) -> np.ndarray:
+    """Frames uint8 [n, size, size, 3] of the background alone at the given camera offsets (render px).
+
+    A clip's frame equals this wherever no object is drawn, e.g.
+    render_background(t.background, [t.camera_offset], seed, size) for a FrameTruth t.
+    """
+    if background not in BACKGROUNDS:
+        raise TetherError(f"unknown background {background!r}; known: {', '.join(BACKGROUNDS)}")
+    size = _check_size(size)
+    offsets = np.asarray(camera_offsets, dtype=np.float64).reshape(-1)
+    canvas = np.empty((len(offsets), size, size, 3), dtype=np.float32)
+    _draw_background(canvas, background, int(seed), offsets)
+    canvas += 0.5
+    return np.clip(canvas, 0, 255, out=canvas).astype(np.uint8)
+
+
+def _draw(world: list, indices: list, seed: int, size: int, scale: float):
     canvas = np.empty((len(world), size, size, 3), dtype=np.float32)
     fractions = np.zeros((len(world), 2), dtype=np.float64)
     # Frames with the same background and the same looks form a run drawn in one go.
@@ -716,5 +769,5 @@ def _draw(world: list, first_index: int, seed: int, size: int, scale: float):
             )
             for slot, a in enumerate(f.actors)
         )
-        truths.append(FrameTruth(first_index + k, f.segment, f.background, f.camera_offset * scale, objects))
+        truths.append(FrameTruth(indices[k], f.segment, f.background, f.camera_offset * scale, objects))
     return frames, truths
