@@ -14,13 +14,13 @@ import torch
 
 from tether.cli import main
 from tether.configs import get_config
-from tether.flops import chunk_flops, forward_flops, forward_flops_by_part
+from tether.flops import block_causal_flops, chunk_flops, forward_flops, forward_flops_by_part
 
 REQUIRED_FIELDS = {
     "fps", "fps_including_warmup", "chunk_ms", "transformer_ms", "decode_ms", "peak_rss_mb", "peak_gpu_mb",
     "flops_per_chunk", "chunk_flops", "achieved_gflops", "matmul_peak_gflops", "device", "dtype", "policy", "config",
     "checkpoint", "seconds", "num_chunks", "frames", "latency_ratio_last_vs_first_minute", "latency_ratio_basis",
-    "no_cache_fps", "no_cache_basis",
+    "no_cache_fps", "no_cache_transformer_fps", "no_cache_flops_per_chunk", "no_cache_basis", "cpu_busy", "load_average",
 }
 
 
@@ -53,6 +53,14 @@ def test_speed_benchmark_writes_every_field(tmp_path):
     tokens = data["tokens_per_frame"]
     expected = [chunk_flops(get_config("tiny"), tokens, 3, cached, forwards=5) for cached in data["cached_frames"]]
     assert data["chunk_flops"] == expected
+    # Without a cache the window is not full within 2 chunks: the timed chunk recomputes 3 + 3 frames, 4 times.
+    assert data["no_cache_flops_per_chunk"] == 4 * block_causal_flops(get_config("tiny"), tokens, 6)
+
+
+def test_block_causal_flops_is_the_sum_of_its_chunks():
+    cfg = get_config("tiny")
+    # 6 frames in 2 chunks of 3: the first sees 3 frames, the second all 6.
+    assert block_causal_flops(cfg, 16, 6) == forward_flops(cfg, 48, 48) + forward_flops(cfg, 48, 96)
 
 
 @pytest.mark.parametrize(

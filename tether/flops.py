@@ -69,3 +69,16 @@ def chunk_flops(config: ModelConfig, tokens_per_frame: int, chunk_frames: int, c
     query = chunk_frames * tokens_per_frame
     keys = (cached_frames + chunk_frames) * tokens_per_frame
     return forwards * forward_flops(config, query, keys)
+
+
+def block_causal_flops(config: ModelConfig, tokens_per_frame: int, num_frames: int, chunk_frames: int = 3) -> int:
+    """FLOPs of one block-causal forward over `num_frames` frames: each chunk attends to itself and all before it.
+
+    Linear layers are per token, so the pass costs the sum of its chunks'
+    forwards, each chunk's queries seeing the keys up to its own end.
+    """
+    total = 0
+    for start in range(0, num_frames, chunk_frames):
+        end = min(start + chunk_frames, num_frames)
+        total += forward_flops(config, (end - start) * tokens_per_frame, end * tokens_per_frame)
+    return total

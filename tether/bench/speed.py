@@ -314,6 +314,7 @@ class RecomputingWindow:
             self.text = self.model.encode_text(pipe.encode_prompt(prompt).to(self.model.device))
         self.context = []  # clean latent frames [1, C, 1, h, w], oldest first
         self.next_index = 0
+        self.frames_per_forward = 0  # window + chunk frames in the last chunk's forwards
 
     def _noise(self, shape) -> torch.Tensor:
         return torch.randn(shape, generator=self.rng).to(self.model.device, self.model.dtype)
@@ -324,6 +325,7 @@ class RecomputingWindow:
         context = self.context[-self.window:] if self.window else []
         first_position = self.next_index - len(context)
         positions = list(range(first_position, self.next_index + n))
+        self.frames_per_forward = len(positions)
         x = self._noise((1, self.latent_shape[0], n, *self.latent_shape[1:]))
         timesteps = self.sampler.timesteps
         for i, t in enumerate(timesteps):
@@ -344,15 +346,18 @@ def run_without_cache(pipe: Pipeline, window: int, num_chunks: int, prompt: str,
                       quiet: bool) -> list:
     from ..vae import StreamingDecoder
 
-    device = pipe.model.device
+    device, config = pipe.model.device, pipe.model.config
+    tokens = flop_count.tokens_per_frame(config, *pipe.latent_shape[1:])
     generator = RecomputingWindow(pipe, window, prompt, seed)
     decoder = StreamingDecoder(pipe.codec) if decode else None
     chunks = []
     for index in tqdm(range(num_chunks), unit="chunk", desc="bench [window, no cache]", disable=quiet, file=sys.stderr):
         latents, transformer_s = timed(device, generator.next_chunk)
         decode_s = timed(device, lambda: decode_to_pixels(decoder, latents, pipe.codec_dtype))[1] if decode else 0.0
+        forward = flop_count.block_causal_flops(config, tokens, generator.frames_per_forward, generator.chunk_frames)
         chunks.append({"frames": video_frames(latents.shape[2], first_chunk=index == 0),
-                       "transformer_s": transformer_s, "decode_s": decode_s, "seconds": transformer_s + decode_s})
+                       "transformer_s": transformer_s, "decode_s": decode_s, "seconds": transformer_s + decode_s,
+                       "flops": len(generator.sampler.timesteps) * forward})
     return chunks
 
 
@@ -418,13 +423,15 @@ def summarise(run: dict, no_cache: list | None, window: int | None) -> dict:
         result.update({
             "no_cache_fps": frames_per_second(compared),
             "no_cache_transformer_fps": frames_per_second(compared, "transformer_s"),
+            "no_cache_flops_per_chunk": sum(c["flops"] for c in compared) / len(compared),
             "no_cache_basis": (f"sliding window of {window} latent frames recomputed at every denoising step (4 forwards "
                                f"of window + chunk, block-causal), {len(no_cache)} chunks, "
                                + ("timed once the window is full" if full else "window never full: all chunks after warm-up")),
             "no_cache_chunk_ms": [1000 * c["seconds"] for c in no_cache],
         })
     else:
-        result.update({"no_cache_fps": None, "no_cache_transformer_fps": None, "no_cache_basis": "skipped",
+        result.update({"no_cache_fps": None, "no_cache_transformer_fps": None, "no_cache_flops_per_chunk": None,
+                       "no_cache_basis": "skipped",
                        "no_cache_chunk_ms": []})
     return result
 
@@ -449,9 +456,12 @@ def report(result: dict) -> str:
         f"of the {result['dtype']} matmul peak measured now ({result['matmul_peak_gflops']:.1f} GFLOP/s)",
     ]
     if result["no_cache_fps"]:
-        lines.append(f"  without a KV cache (window recomputed every step): {result['no_cache_fps']:.2f} fps, transformer alone "
-                     f"{result['no_cache_transformer_fps']:.2f} fps (with the cache: {result['transformer_fps']:.2f}); "
-                     f"the cache buys x{result['transformer_fps'] / result['no_cache_transformer_fps']:.1f} in the transformer")
+        lines.append(f"  without a KV cache (window recomputed every step): {result['no_cache_fps']:.2f} fps; transformer alone "
+                     f"{result['no_cache_transformer_fps']:.2f} fps against {result['transformer_fps']:.2f} with the cache: "
+                     f"the cache saves x{result['no_cache_flops_per_chunk'] / result['flops_per_chunk']:.1f} FLOPs and buys "
+                     f"x{result['transformer_fps'] / result['no_cache_transformer_fps']:.1f} in time")
+    lines.append(f"  this process got {100 * result['cpu_busy']:.0f}% of its {result['threads']} threads' wall time; "
+                 f"load average {result['load_average'][0]:.1f} at start, {result['load_average'][1]:.1f} at end")
     memory = f"  peak memory: {result['peak_rss_mb']:.0f} MB resident"
     if result["peak_gpu_mb"] is not None:
         memory += f", {result['peak_gpu_mb']:.0f} MB GPU"
