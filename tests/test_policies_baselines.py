@@ -259,8 +259,9 @@ def test_rolling_window_across_a_switch_gives_each_chunk_its_own_prompt(model):
 # ---- switch rules -----------------------------------------------------------
 
 def test_recache_with_the_same_prompt_leaves_the_cache_unchanged(model):
-    # Exact where the re-encoded block is a chunk that saw just this context when it was committed.
-    for options, chunks in [({}, 1), ({"global_sink": True}, 2)]:
+    # Re-encoding is chunk-causal, so before anything is evicted (3 chunks fill
+    # the 3-frame sink + 6-frame window) every chunk sees what it saw at commit.
+    for options, chunks in [({}, 1), ({}, 3), ({"global_sink": True}, 2), ({"global_sink": True}, 3)]:
         stream = make_stream(model, make_policy("frame-sink", **options))
         stream.set_prompt("a red fox runs")
         for _ in range(chunks):

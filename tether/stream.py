@@ -71,10 +71,17 @@ class Stream:
             self.on_layout(self, layout)
 
     def reencode(self, frames: list, positions: list, text_ctx: TextContext, past=None) -> list:
-        """Clean K/V of already generated frames under another prompt, as one bidirectional block."""
+        """Clean K/V of already generated frames under another prompt.
+
+        The frames are re-run chunk-causally, as they were generated (LongLive's
+        recache uses the same block-wise causal mask): chunk i of the block
+        sees `past` and chunks <= i. So re-encoding under the same prompt and
+        the same context reproduces the cache exactly.
+        """
         latents = torch.stack([f.latent for f in frames], dim=2)
         with torch.no_grad():
-            _, captured = self.model.forward_cached(latents, 0.0, text_ctx, positions, past=past, capture=True)
+            _, captured = self.model.forward_cached(latents, 0.0, text_ctx, positions, past=past, capture=True,
+                                                    chunk_size=self.chunk_frames)
         fresh = frames_from_capture(captured, latents, 0, frames[0].grid)
         return [f.replaced(k=n.k, v=n.v) for f, n in zip(frames, fresh)]
 

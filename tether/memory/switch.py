@@ -33,18 +33,17 @@ class KVRecache(SwitchRule):
     """[LongLive] Re-encode the recent memory under the new prompt.
 
     The last min(12, generated) frames the policy exposes (`recache_frames()`)
-    are run again at t=0 under the new prompt as one bidirectional block, each
-    at the temporal position the next chunk sees it at (for absolute policies:
-    its original index), and their K/V replace the old ones. Frames the policy
-    freezes (`frozen_frames()`, e.g. frame-sink's `global_sink`) and cached
-    frames older than the block keep their K/V and act as fixed context, as in
+    are run again at t=0 under the new prompt, each at the temporal position
+    the next chunk sees it at (for absolute policies: its original index), and
+    their K/V replace the old ones. Frames the policy freezes
+    (`frozen_frames()`, e.g. frame-sink's `global_sink`) and cached frames
+    older than the block keep their K/V and act as fixed context, as in
     LongLive where the block is written into a cache that still holds them.
 
-    The block is bidirectional, as SPEC §3 reads LongLive (one call through
-    its cached path). So even the same prompt changes the K/V of layers past
-    the first, unless the block is one chunk that saw exactly the same context
-    when it was committed. Positions: the ones the next chunk uses, falling
-    back to the frame's index for a frame outside the layout.
+    SPEC §3 calls the block bidirectional; LongLive's code builds a block-wise
+    causal mask for it, and so does tether (`Stream.reencode`): chunk i of the
+    block sees the context and chunks <= i. With that, recaching under the
+    same prompt, before anything was evicted, leaves the cache unchanged.
     """
 
     name = "kv-recache"

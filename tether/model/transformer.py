@@ -112,8 +112,9 @@ class AttentionPlan:
     `keys_before(layer)` returns already-rotated past keys and values to
     prepend to the current tokens' own (or None); `mask` is an optional dense
     boolean mask over [query tokens, all key tokens]; `query_chunks`, when set,
-    splits the queries into contiguous groups that each see only a prefix of
-    the keys (block-causal attention without a dense mask).
+    splits the queries into contiguous groups (start, end, own_end) that each
+    see all past keys plus the current tokens before `own_end` (block-causal
+    attention without a dense mask).
     """
 
     def __init__(self, cos, sin, past=None, mask=None, query_chunks=None, capture=None):
@@ -160,13 +161,16 @@ class WanBlock(nn.Module):
         q = apply_rope(q, plan.cos, plan.sin)
         k = apply_rope(k, plan.cos, plan.sin)
         past = plan.keys_before(layer)
+        past_len = 0
         if past is not None:
+            past_len = past[0].shape[1]
             k = torch.cat([past[0].to(k.dtype), k], dim=1)
             v = torch.cat([past[1].to(v.dtype), v], dim=1)
         if plan.query_chunks is None:
             out = attend(q, k, v, plan.mask)
         else:
-            out = torch.cat([attend(q[:, a:b], k[:, :kend], v[:, :kend]) for a, b, kend in plan.query_chunks], dim=1)
+            out = torch.cat([attend(q[:, a:b], k[:, :past_len + end], v[:, :past_len + end])
+                             for a, b, end in plan.query_chunks], dim=1)
         return self.self_attn.o(out)
 
 
@@ -275,12 +279,14 @@ class WanTransformer(nn.Module):
         frames = latents.shape[2]
         if frame_positions is None:
             frame_positions = torch.arange(frames)
-        tokens = self.tokens_per_frame(*latents.shape[3:])
-        query_chunks = []
-        for start in range(0, frames, chunk_size):
-            end = min(start + chunk_size, frames)
-            query_chunks.append((start * tokens, end * tokens, end * tokens))
+        query_chunks = self._query_chunks(latents, chunk_size)
         return self._run(latents, timestep, text, frame_positions, {"query_chunks": query_chunks})[0]
+
+    def _query_chunks(self, latents, chunk_size: int):
+        frames = latents.shape[2]
+        tokens = self.tokens_per_frame(*latents.shape[3:])
+        return [(start * tokens, min(start + chunk_size, frames) * tokens, min(start + chunk_size, frames) * tokens)
+                for start in range(0, frames, chunk_size)]
 
     def forward_masked(self, latents, timestep, text, frame_mask, frame_positions=None):
         """Any frame-level visibility: frame_mask [F_q, F_k] bool, True where a query frame may see a key frame."""
@@ -291,14 +297,20 @@ class WanTransformer(nn.Module):
         mask = frame_mask.to(self.device).repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
         return self._run(latents, timestep, text, frame_positions, {"mask": mask})[0]
 
-    def forward_cached(self, latents, timestep, text, query_positions, past=None, capture: bool = False):
+    def forward_cached(self, latents, timestep, text, query_positions, past=None, capture: bool = False,
+                       chunk_size: int | None = None):
         """Inference on one chunk against memory.
 
         `past(layer)` returns rotated keys and values [B, S, heads, head_dim] of
         the cached frames (or None). With `capture`, also returns each layer's
-        pre-RoPE keys and values of this chunk, for the memory to commit.
+        pre-RoPE keys and values of this chunk, for the memory to commit. With
+        `chunk_size`, the query frames are block-causal among themselves (all
+        of them still see all of `past`), as when re-encoding several chunks.
         """
-        out, plan = self._run(latents, timestep, text, query_positions, {"past": past, "capture": [] if capture else None})
+        plan_args = {"past": past, "capture": [] if capture else None}
+        if chunk_size is not None:
+            plan_args["query_chunks"] = self._query_chunks(latents, chunk_size)
+        out, plan = self._run(latents, timestep, text, query_positions, plan_args)
         return (out, plan.capture) if capture else out
 
     def rotate_keys(self, keys: torch.Tensor, frame_positions, height: int, width: int) -> torch.Tensor:
