@@ -14,9 +14,11 @@ separately, each timestamp taken after a device synchronisation. From these:
   same dtype on the same device and thread count, measured in the same run.
 - `latency_ratio_last_vs_first_minute`: memory policies must keep per-chunk
   cost flat however long the video runs.
-- `no_cache_fps`: the sliding window again, but without a KV cache: every
-  denoising step recomputes the window's frames together with the chunk, so
-  the gap to `fps` is what caching K/V buys.
+- `no_cache_fps`: the sliding window again (whatever `--policy` is), but
+  without a KV cache: every denoising step recomputes the window's frames
+  together with the chunk. Its FLOPs against the cached run's are what caching
+  K/V saves in principle, its `transformer_fps` what it buys in practice
+  (little, where tiny forwards are bound by per-operation overhead).
 
 Text encoding runs once per prompt, before the timed loop, and is excluded.
 With `--config` the weights are random (speed does not depend on them): the
