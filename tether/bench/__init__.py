@@ -11,6 +11,19 @@ def add_bench_parser(subparsers) -> None:
     # Same parser class as the parent, so bad arguments stay one-line TetherErrors.
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, parser_class=type(bench))
     _add_speed_parser(benchmarks)
+    _add_cost_parser(benchmarks)
+
+
+def _add_cost_parser(benchmarks) -> None:
+    p = benchmarks.add_parser("cost", help="each policy's per-chunk cost against window at the same cache size")
+    p.add_argument("--config", default="toy", help="transformer config, random weights (default: toy)")
+    p.add_argument("--latent", type=int, default=8, help="latent height and width (default 8: 64x64 video)")
+    p.add_argument("--chunks", type=int, default=20, help="timed chunks per round (default 20)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per policy (default 3)")
+    p.add_argument("--policy", action="append", help="only this policy (repeatable; default: all)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.set_defaults(run=lambda args: __import__("tether.bench.cost", fromlist=["main"]).main(args))
 
 
 def _add_speed_parser(benchmarks) -> None:
