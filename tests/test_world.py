@@ -194,7 +194,9 @@ def test_two_sampled_objects_get_different_colours_and_shapes():
 
 
 def test_timeline_errors_are_user_errors():
-    for bad in ["a red circle[5s] | the square turns green[2s]", "the circle stops[2s]", "a circle[zz]", "a circle[0s]"]:
+    bad_timelines = ["a red circle[5s] | the square turns green[2s]", "the circle stops[2s]", "a circle[zz]",
+                     "a circle[0s]"]
+    for bad in bad_timelines:
         with pytest.raises(TetherError):
             render_clip(bad, seed=0)
     with pytest.raises(TetherError):
@@ -204,8 +206,11 @@ def test_timeline_errors_are_user_errors():
 def test_timeline_string_round_trips():
     text = "a red circle bounces on grass[4s] | the circle turns green[2.5s] | a green circle rests in the snow[3s#]"
     segments = parse_timeline(text)
-    assert segments == [Segment("a red circle bounces on grass", 4, False), Segment("the circle turns green", 2.5, False),
-                        Segment("a green circle rests in the snow", 3, True)]
+    assert segments == [
+        Segment("a red circle bounces on grass", 4, False),
+        Segment("the circle turns green", 2.5, False),
+        Segment("a green circle rests in the snow", 3, True),
+    ]
     assert format_timeline(segments) == text
     for name in SCENARIOS:
         ep = episode(name, seed=5)
@@ -298,3 +303,17 @@ def test_probe_smoke(tmp_path):
         assert key in result
     with pytest.raises(TetherError):
         load_probe(tmp_path / "missing")
+
+
+def test_shipped_probe_still_reads_the_world():
+    # Guards the trained weights against changes to the renderer or vocabulary.
+    torch = pytest.importorskip("torch")
+    from pathlib import Path
+
+    from tether.world.probe import evaluate_probe, load_probe
+
+    torch.set_num_threads(1)
+    folder = Path(__file__).resolve().parents[1] / "tether" / "weights" / "probe"
+    result = evaluate_probe(load_probe(folder), 160, seed=5)
+    for key in ("background", "presence", "shape", "colour", "pattern", "size", "position_within_2px"):
+        assert result[key] >= 0.9, (key, result[key])

@@ -31,6 +31,7 @@ def __getattr__(name):
 
 __all__ = [
     "FPS", "vocabulary", "ObjectSpec", "SceneSpec", "SceneChange", "Segment", "FrameTruth", "ObjectTruth",
-    "render_clip", "iter_clip", "render_background", "describe", "parse", "random_scene", "random_prompt", "parse_timeline",
+    "render_clip", "iter_clip", "render_background", "describe", "parse", "random_scene", "random_prompt",
+    "parse_timeline",
     "format_timeline", "SCENARIOS", "Episode", "episode", *_PROBE_NAMES,
 ]

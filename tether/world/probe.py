@@ -240,7 +240,8 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         soft = F.avg_pool2d(F.pad(x[blur], (1, 1, 1, 1), mode="replicate"), 3, 1)
         mix = torch.rand(int(blur.sum()), 1, 1, 1, generator=generator)
         x[blur] = x[blur] * (1 - mix) + soft * mix
-    sigma = torch.rand(n, 1, 1, 1, generator=generator) * (6 / 255) * (torch.rand(n, 1, 1, 1, generator=generator) < 0.5)
+    noisy = torch.rand(n, 1, 1, 1, generator=generator) < 0.5
+    sigma = torch.rand(n, 1, 1, 1, generator=generator) * (6 / 255) * noisy
     return x + torch.randn(x.shape, generator=generator) * sigma
 
 
@@ -261,10 +262,12 @@ def _loss(net: ProbeNet, x: torch.Tensor, targets: dict) -> tuple:
         (F.cross_entropy(logits[name], targets[f"class_{name}"], reduction="none") * weight).sum() / weight_sum
         for name, _ in ATTRIBUTES
     )
-    loss_offsets = (F.smooth_l1_loss(offsets, targets["offsets"], reduction="none", beta=0.1).sum(1) * weight).sum() / weight_sum
+    offset_error = F.smooth_l1_loss(offsets, targets["offsets"], reduction="none", beta=0.1).sum(1)
+    loss_offsets = (offset_error * weight).sum() / weight_sum
     loss_background = F.cross_entropy(background, targets["background"])
     total = loss_objectness + loss_classes + 2.0 * loss_offsets + loss_background
-    parts = dict(obj=loss_objectness.item(), cls=loss_classes.item(), off=loss_offsets.item(), bg=loss_background.item())
+    parts = dict(obj=loss_objectness.item(), cls=loss_classes.item(), off=loss_offsets.item(),
+                 bg=loss_background.item())
     return total, parts
 
 
@@ -301,7 +304,8 @@ def train_probe(out_path, steps: int = 5000, seed: int = 0, batch_size: int = 32
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     config = {
-        "format": "tether-world-probe", "version": 1, "width": width, "dilations": list(dilations), "size": PROBE_SIZE, "stride": GRID_STRIDE,
+        "format": "tether-world-probe", "version": 1, "width": width, "dilations": list(dilations),
+        "size": PROBE_SIZE, "stride": GRID_STRIDE,
         "classes": _vocabulary_config(), "readable_fraction": READABLE_FRACTION,
         "train": {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "frames_per_clip": frames_per_clip},
     }

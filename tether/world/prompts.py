@@ -27,7 +27,9 @@ from .vocab import (
     MOTIONS, OBJECT_ATTRIBUTES, PATTERNS, RETURN_PHRASE, SHAPES, SIZES, STOP_VERB,
 )
 
-_ADJECTIVE_KIND = {**{w: "size" for w in SIZES}, **{w: "colour" for w in COLOUR_NAMES}, **{w: "pattern" for w in PATTERNS}}
+_ADJECTIVE_KIND = {
+    **{w: "size" for w in SIZES}, **{w: "colour" for w in COLOUR_NAMES}, **{w: "pattern" for w in PATTERNS},
+}
 _NOUN_PHRASE_ORDER = ("size", "colour", "pattern")
 _SINGULAR_VERBS = {forms[0]: motion for motion, forms in MOTION_VERBS.items()}
 _PLURAL_VERBS = {forms[1]: motion for motion, forms in MOTION_VERBS.items()}
@@ -167,7 +169,8 @@ def _parse_scene(words: list, prompt: str) -> SceneSpec:
         verb = " ".join(rest)
         if verb and verb not in _SINGULAR_VERBS and verb not in _PLURAL_VERBS:
             known = ", ".join(v[0] for v in MOTION_VERBS.values())
-            _fail(prompt, f"unknown verb or place {verb!r} (verbs: {known}; places: {', '.join(BACKGROUND_PHRASES.values())})")
+            places = ", ".join(BACKGROUND_PHRASES.values())
+            _fail(prompt, f"unknown verb or place {verb!r} (verbs: {known}; places: {places})")
         objects.append(spec)
         verbs.append(verb)
     if len(objects) == 2 and not verbs[0] and verbs[1] in _PLURAL_VERBS:
@@ -272,7 +275,8 @@ def parse_timeline(text: str) -> list:
     for piece in text.split("|"):
         match = _SEGMENT.match(piece)
         if match is None or not match["prompt"]:
-            raise TetherError(f"cannot read timeline segment {piece.strip()!r}: expected 'prompt[<seconds>s]' or 'prompt[<seconds>s#]'")
+            raise TetherError(f"cannot read timeline segment {piece.strip()!r}: "
+                              "expected 'prompt[<seconds>s]' or 'prompt[<seconds>s#]'")
         seconds = float(match["seconds"])
         if seconds <= 0:
             raise TetherError(f"timeline segment {piece.strip()!r} has no duration")

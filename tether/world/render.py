@@ -323,7 +323,8 @@ class _World:
                 if not new_shot and actor.attrs["motion"] != previous_motion:
                     _start_motion(actor, actor.attrs["motion"])
             else:
-                others = [a.attrs for a in kept] + [{n: getattr(o, n) for n in o.stated()} for o in scene.objects[i + 1:]]
+                later = [{n: getattr(o, n) for n in o.stated()} for o in scene.objects[i + 1:]]
+                others = [a.attrs for a in kept] + later
                 attrs = _sample_attributes(self.seed, i, spec, others)
                 actor = _Actor(i, attrs, frozenset(OBJECT_ATTRIBUTES), seeded_rng(self.seed, "motion", i))
                 kept.append(actor)
@@ -548,7 +549,7 @@ def _star_distance(dx, dy, outer: float, inner: float):
 
 
 def _shape_distance(shape: str, dx, dy, half_width: float):
-    """Signed distance in render px from pixel offsets (dx, dy) to the edge of a shape `half_width` px wide each side."""
+    """Signed distance in render px from pixel offsets (dx, dy) to the edge of a shape `half_width` px to each side."""
     if shape == "circle":
         return np.hypot(dx, dy) - half_width
     if shape == "square":
@@ -623,7 +624,9 @@ def _draw_objects(canvas: np.ndarray, layers: list, scale: float) -> list:
     fractions = []
     for index, (look, cx, cy) in enumerate(layers):
         win = _window(look, cx, cy, scale)
-        in_frame = ((win.rows >= 0) & (win.rows < height))[:, :, None] & ((win.columns >= 0) & (win.columns < width))[:, None, :]
+        rows_in = (win.rows >= 0) & (win.rows < height)
+        columns_in = (win.columns >= 0) & (win.columns < width)
+        in_frame = rows_in[:, :, None] & columns_in[:, None, :]
         drawn = win.alpha * in_frame
         t, i, j = np.nonzero(drawn)
         rows, columns = win.rows[t, i], win.columns[t, j]
