@@ -87,6 +87,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import Trainer
+    from .train.config import load_config
+
+    cfg = load_config(args.recipe, scale=args.scale, config=args.config, overrides=args.overrides)
+    if args.device:
+        cfg["device"] = _device(args.device)
+    out = args.out or f"runs/{args.recipe}-{args.scale}"
+    trainer = Trainer(cfg, out, resume=args.resume, progress=not args.quiet)
+    last = trainer.run()
+    if args.export:
+        trainer.recipe.export(args.export)
+    if trainer.is_main:
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
+        print(f"{args.recipe}: {trainer.total_steps} steps in {out} ({summary})")
+    return 0
+
+
 def build_parser():
     parser = OneLineParser(prog="tether", description="Long, interactive, streaming video generation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -104,6 +122,18 @@ def build_parser():
     g.add_argument("--verbose", action="store_true")
     add_model_arguments(g)
     g.set_defaults(run=cmd_generate)
+
+    t = sub.add_parser("train", help="run a training recipe (also under torchrun)")
+    t.add_argument("recipe", help="teacher, ode-init, self-forcing, cf-teacher, cf-stage1, cf-stage2, gf-stage1, gf-stage2, ...")
+    t.add_argument("overrides", nargs="*", help="config overrides, key=value (dotted keys for sections)")
+    t.add_argument("--scale", default="toy", help="which shipped config: toy (default) or wan1.3b")
+    t.add_argument("--config", help="a YAML config file instead of the shipped one")
+    t.add_argument("--out", help="run folder (default runs/RECIPE-SCALE)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--export", help="after training, write the result in its inference format to this folder")
+    t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(run=cmd_train)
     from .bench import add_bench_parser  # `tether bench speed`, and later benchmarks
     add_bench_parser(sub)
     return parser

@@ -138,8 +138,9 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, e, text_kv, plan: AttentionPlan, layer: int):
-        """x [B, F, T, dim]; e [B, F, 6, dim] per-frame modulation."""
+    def forward(self, x, e, text, plan: AttentionPlan, layer: int):
+        """x [B, F, T, dim]; e [B, F, 6, dim] per-frame modulation; text: cached (k, v) or the embedded text."""
+        text_kv = text if isinstance(text, tuple) else self.cross_attn.text_kv(text)
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(0) + e.float()).unsqueeze(3).unbind(2)
         batch, frames, tokens, dim = x.shape
 
@@ -202,17 +203,21 @@ class WanTransformer(nn.Module):
 
     # ---- conditioning -------------------------------------------------
     def encode_text(self, text: torch.Tensor) -> TextContext:
-        """Cross-attention K/V for text embeddings [B, L, text_dim].
+        """Cross-attention K/V for text embeddings [B, L, text_dim], to reuse across chunks and steps."""
+        context = self.embed_text(text)
+        return TextContext([block.cross_attn.text_kv(context) for block in self.blocks])
 
-        Wan zero-pads every prompt to `text_len` tokens before the embedding MLP,
-        and the padded positions take part in cross-attention, so padding is
-        part of the model's behaviour, not an optimisation detail.
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """The text embedding MLP's output [B, text_len, dim].
+
+        Wan zero-pads every prompt to `text_len` tokens before the MLP, and the
+        padded positions take part in cross-attention, so padding is part of
+        the model's behaviour, not an optimisation detail.
         """
         length = self.config.text_len
         if text.shape[1] < length:
             text = F.pad(text, (0, 0, 0, length - text.shape[1]))
-        context = self.text_embedding(text.to(self.dtype))
-        return TextContext([block.cross_attn.text_kv(context) for block in self.blocks])
+        return self.text_embedding(text.to(self.dtype))
 
     def _time(self, timestep: torch.Tensor, batch: int, frames: int):
         """Per-frame time embedding e [B, F, dim] and block modulation e0 [B, F, 6, dim]."""
@@ -243,14 +248,16 @@ class WanTransformer(nn.Module):
         x = self.patch_embedding(latents.to(self.dtype))  # [B, dim, F', h, w]
         x = x.flatten(3).permute(0, 2, 3, 1)  # [B, F', h*w, dim]
         e, e0 = self._time(timestep, batch, grid[0])
-        text_ctx = text if isinstance(text, TextContext) else self.encode_text(text)
+        # Raw text is embedded once here and turned into K/V inside each block, where
+        # a sharded (FSDP2) block has its weights gathered.
+        per_layer = text.kv if isinstance(text, TextContext) else [self.embed_text(text)] * len(self.blocks)
         cos, sin = self.rope.cos_sin(frame_positions, grid[1], grid[2], device=x.device)
         plan = AttentionPlan(cos, sin, **plan_args)
         for layer, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, e0, text_ctx.kv[layer], plan, layer, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, e0, per_layer[layer], plan, layer, use_reentrant=False)
             else:
-                x = block(x, e0, text_ctx.kv[layer], plan, layer)
+                x = block(x, e0, per_layer[layer], plan, layer)
         out = self.head(x, e)  # [B, F', h*w, pt*ph*pw*C]
         return self._unpatchify(out, grid), plan
 

@@ -1,0 +1,53 @@
+"""Where training batches come from.
+
+Every source draws a batch from a `torch.Generator` the trainer seeds from
+the step number, so batches are reproducible across resumes and ranks.
+
+- `synthetic`: random latents and text embeddings of the right shapes, for
+  smoke tests at any scale (Wan-scale step time and memory need no data).
+- `latents`: a folder of pre-encoded clips (`latents.pt`: normalised latents
+  [N, C, F, h, w] and their text embeddings [N, L, D]), such as the toy world's.
+"""
+
+from pathlib import Path
+
+import torch
+
+from ..errors import TetherError
+
+
+class SyntheticData:
+    def __init__(self, channels: int, frames: int, height: int, width: int, text_len: int, text_dim: int):
+        self.shape = (channels, frames, height, width)
+        self.text_shape = (text_len, text_dim)
+
+    def batch(self, generator: torch.Generator, size: int):
+        latents = torch.randn((size, *self.shape), generator=generator)
+        text = torch.randn((size, *self.text_shape), generator=generator)
+        return latents, text
+
+
+class LatentData:
+    def __init__(self, folder, frames: int | None = None):
+        path = Path(folder) / "latents.pt"
+        if not path.is_file():
+            raise TetherError(f"no encoded dataset at {path}")
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        self.latents, self.text = data["latents"], data["text"]
+        self.frames = frames or self.latents.shape[2]
+
+    def batch(self, generator: torch.Generator, size: int):
+        index = torch.randint(len(self.latents), (size,), generator=generator)
+        start = torch.randint(self.latents.shape[2] - self.frames + 1, (1,), generator=generator).item()
+        latents = self.latents[index, :, start:start + self.frames].float()
+        return latents, self.text[index].float()
+
+
+def make_data(cfg: dict, model_cfg):
+    kind = cfg.get("kind", "synthetic")
+    if kind == "synthetic":
+        return SyntheticData(model_cfg.in_channels, cfg.get("frames", 21), cfg.get("height", 8), cfg.get("width", 8),
+                             model_cfg.text_len, model_cfg.text_dim)
+    if kind == "latents":
+        return LatentData(cfg["path"], cfg.get("frames"))
+    raise TetherError(f"unknown data kind '{kind}' (synthetic, latents)")

@@ -1,0 +1,3 @@
+"""Every recipe registers itself on import."""
+
+from . import teacher  # noqa: F401

@@ -1,0 +1,74 @@
+"""`teacher`: bidirectional flow matching, the real score for every distillation.
+
+x_t = (1 - sigma) x0 + sigma * noise with sigma from the shifted schedule at a
+uniformly drawn training timestep; the model predicts v = noise - x0 and the
+loss is the mean squared error, optionally with classifier-free-guidance
+dropout of the text (the teacher is sampled with CFG).
+"""
+
+import torch
+
+from ...checkpoints import load_transformer, save_transformer
+from ...schedule import timestep_grid
+from ..data import make_data
+from ..recipe import Recipe, register_recipe
+
+
+def sample_timesteps(generator, size: int, shift: float, low: float = 0.0, high: float = 1000.0) -> torch.Tensor:
+    """Training timesteps drawn uniformly from the shifted 1000-step grid, clamped to [low, high]."""
+    grid = timestep_grid(shift)[:-1].float()
+    return grid[torch.randint(len(grid), (size,), generator=generator)].clamp(low, high)
+
+
+def flow_matching_loss(model, latents, text, timesteps, noise, forward="bidirectional", chunk_size=3):
+    sigma = (timesteps / 1000.0).view(-1, *([1] * (latents.dim() - 1)))
+    noisy = (1 - sigma) * latents + sigma * noise
+    if forward == "bidirectional":
+        flow = model.forward_bidirectional(noisy, timesteps, text)
+    else:
+        flow = model.forward_block_causal(noisy, timesteps, text, chunk_size=chunk_size)
+    return torch.mean((flow.float() - (noise - latents).float()) ** 2)
+
+
+@register_recipe
+class Teacher(Recipe):
+    name = "teacher"
+
+    def setup(self):
+        cfg = self.cfg
+        model = load_transformer(cfg["model"]["source"], config=cfg["model"].get("config"))
+        self.model_cfg = model.config
+        self.model = self.trainer.add_model("model", model.float().train(), ema=cfg.get("ema"), ema_start=cfg.get("ema_start", 0))
+        opt = cfg.get("optimizer", {})
+        self.trainer.add_optimizer("model", self.model, lr=float(opt.get("lr", 1e-4)), betas=opt.get("betas", (0.9, 0.999)),
+                                   weight_decay=float(opt.get("weight_decay", 0.0)), schedule=opt.get("schedule", "constant"),
+                                   final_lr_ratio=float(opt.get("final_lr_ratio", 1.0)), warmup=int(opt.get("warmup", 0)))
+        self.data = make_data(cfg.get("data", {}), self.model_cfg)
+        self.batch_size = int(cfg.get("batch_size", 1))
+        self.shift = float(cfg.get("shift", 5.0))
+        self.text_dropout = float(cfg.get("text_dropout", 0.1))
+
+    def step(self, step: int) -> dict:
+        total = 0.0
+        trainer = self.trainer
+        size = self.batch_size * trainer.world_size
+        for micro in range(trainer.accumulation):
+            g = trainer.shared_generator(step, "batch", micro)
+            latents, text = self.data.batch(g, size)
+            keep = (torch.rand(size, generator=g) >= self.text_dropout).float().view(-1, 1, 1)
+            timesteps = sample_timesteps(g, size, self.shift)
+            noise = torch.randn(latents.shape, generator=g)
+            share = trainer.my_share
+            with trainer.autocast():
+                loss = flow_matching_loss(self.model, share(latents), share(text * keep), share(timesteps), share(noise))
+            trainer.backward(loss, self.model, micro)
+            total += loss.item() / trainer.accumulation
+        grad_norm = trainer.optimizer_step("model", step)
+        return {"loss": total, "grad_norm": grad_norm}
+
+    def export(self, folder):
+        from ...model import WanTransformer
+
+        model = WanTransformer(self.model_cfg)
+        model.load_state_dict(self.trainer.weights("model", ema=bool(self.cfg.get("ema"))))
+        save_transformer(model, f"{folder}/transformer.safetensors")
