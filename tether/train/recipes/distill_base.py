@@ -1,0 +1,63 @@
+"""What the distillation recipes share: the generator, optimisers from config, rank-consistent draws, export.
+
+Every random draw goes through `GlobalDraws`: it draws the tensor for the
+whole global batch from the shared generator and keeps this rank's rows, so
+N ranks with batch b compute what one rank with batch N*b does, and a resumed
+run draws what an uninterrupted one would have.
+"""
+
+import torch
+
+from ...checkpoints import load_transformer, save_transformer
+from ..recipe import Recipe
+
+
+def add_optimizer_from_config(trainer, name: str, module, opt: dict, default_lr: float):
+    return trainer.add_optimizer(name, module, lr=float(opt.get("lr", default_lr)), betas=opt.get("betas", (0.9, 0.999)),
+                                 weight_decay=float(opt.get("weight_decay", 0.0)), schedule=opt.get("schedule", "constant"),
+                                 final_lr_ratio=float(opt.get("final_lr_ratio", 1.0)), warmup=int(opt.get("warmup", 0)))
+
+
+class GlobalDraws:
+    """Gaussian and integer draws for one (step, purpose, micro-batch), identical on every rank."""
+
+    def __init__(self, trainer, step: int, *purpose):
+        self.trainer = trainer
+        self.generator = trainer.shared_generator(step, *purpose)
+
+    def noise(self, shape, dtype=torch.float32):
+        """This rank's share of a [world * B, ...] Gaussian draw; `shape` is per rank."""
+        world = self.trainer.world_size
+        full = torch.randn((shape[0] * world, *shape[1:]), generator=self.generator)
+        return self.trainer.my_share(full).to(dtype)
+
+    def share(self, tensor):
+        return self.trainer.my_share(tensor)
+
+
+class DistillationRecipe(Recipe):
+    """Base of ode-init and the DMD recipes: a causal generator trained from `model.source`."""
+
+    def setup_generator(self):
+        cfg = self.cfg
+        model = load_transformer(cfg["model"]["source"], config=cfg["model"].get("config"))
+        self.model_cfg = model.config
+        self.generator = self.trainer.add_model("generator", model.float().train(), ema=cfg.get("ema"),
+                                                ema_start=int(cfg.get("ema_start", 0)))
+        add_optimizer_from_config(self.trainer, "generator", self.generator, cfg.get("optimizer", {}), 2e-6)
+        self.batch_size = int(cfg.get("batch_size", 1))
+        self.shift = float(cfg.get("shift", 5.0))
+        self.chunk_frames = int(cfg.get("chunk_frames", 3))
+        self.denoising_steps = list(cfg.get("denoising_steps", [1000, 750, 500, 250]))
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.trainer.world_size
+
+    def export(self, folder):
+        """The generator (its EMA when one is kept) as `folder/transformer.safetensors`."""
+        from ...model import WanTransformer
+
+        model = WanTransformer(self.model_cfg)
+        model.load_state_dict(self.trainer.weights("generator", ema=self.cfg.get("ema") is not None))
+        save_transformer(model, f"{folder}/transformer.safetensors")

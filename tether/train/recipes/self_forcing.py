@@ -1,0 +1,130 @@
+"""`self-forcing`: Self-Forcing DMD [SF, SPEC §4].
+
+Each step: when `trains_generator(step)` (every `generator_every`-th step,
+from step 0), the generator rolls out a clip with its own KV cache
+(`rollout.py`: one exit step shared by all ranks, gradients only at that
+step and only for the last 21 latent frames) and takes the DMD loss against
+the guided real score and the critic. Every step, the critic takes a flow-
+matching step on a fresh, gradient-free rollout. Both optimisers are AdamW;
+the generator's EMA is updated when the generator steps.
+
+The logged `loss` is the critic's (the one computed every step);
+`generator_loss` and `dmd_grad` (mean |DMD gradient|) appear on generator
+steps.
+
+Models: the generator from `model.source` (an ode-init export in a real
+run), the real score from `teacher.source`, the critic from `critic.source`;
+see `tether/train/dmd.py` for the fallbacks that let `model.source=tiny`
+alone give a consistent run.
+
+Subclasses (Grounded Forcing) change the memory policy, the switch rule,
+and what a rollout looks like (`plan`).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ...memory import make_policy
+from ..data import make_data
+from ..dmd import critic_loss, dmd_loss, dmd_timesteps, load_score, score_sources, trains_generator
+from ..recipe import register_recipe
+from ..rollout import GRAD_FRAMES, SelfForcingRollout, draw_exit_step
+from .distill_base import DistillationRecipe, GlobalDraws, add_optimizer_from_config
+
+
+@dataclass
+class RolloutPlan:
+    """Everything one rollout needs that is drawn at random (identically on every rank, sliced per rank)."""
+
+    text: torch.Tensor
+    num_frames: int
+    exit_step: int
+    draws: GlobalDraws
+    switches: list = field(default_factory=list)
+
+
+@register_recipe
+class SelfForcing(DistillationRecipe):
+    name = "self-forcing"
+    default_policy = "full"
+    default_switch = "text-reset"
+
+    def setup(self):
+        cfg = self.cfg
+        self.setup_generator()
+        teacher_source, critic_source = score_sources(cfg)
+        trainer = self.trainer
+        self.real_score = trainer.add_model("real_score", load_score(teacher_source, self.model_cfg, "teacher"),
+                                            trainable=False)
+        self.critic = trainer.add_model("critic", load_score(critic_source, self.model_cfg, "critic").train())
+        add_optimizer_from_config(trainer, "critic", self.critic, cfg.get("critic_optimizer", {}), 4e-7)
+        self.data = make_data(cfg.get("data", {}), self.model_cfg)
+        self.generator_every = int(cfg.get("generator_every", 5))
+        self.guidance = float(cfg.get("guidance", 3.0))
+        roll = cfg.get("rollout", {})
+        self.policy_name = roll.get("policy", self.default_policy)
+        self.policy_options = dict(roll.get("policy_options") or {})
+        self.grad_frames = int(roll.get("grad_frames", GRAD_FRAMES))
+        self.rollout = SelfForcingRollout(self.denoising_steps, self.shift, self.chunk_frames, self.grad_frames,
+                                          float(roll.get("context_noise", 0.0)), roll.get("switch", self.default_switch))
+
+    # ---- what a rollout looks like -------------------------------------------
+    def plan(self, step: int, micro: int, purpose: str) -> RolloutPlan:
+        """Self-Forcing: one prompt, a clip of `data.frames` latent frames (whole chunks)."""
+        draws = GlobalDraws(self.trainer, step, purpose, micro)
+        latents, text = self.data.batch(draws.generator, self.global_batch)
+        self.latent_shape = (latents.shape[1], *latents.shape[3:])
+        frames = latents.shape[2] - latents.shape[2] % self.chunk_frames
+        exit_step = draw_exit_step(draws.generator, self.rollout.num_steps)
+        return RolloutPlan(draws.share(text), frames, exit_step, draws)
+
+    def new_policy(self):
+        return make_policy(self.policy_name, chunk_frames=self.chunk_frames, **self.policy_options)
+
+    def roll(self, plan: RolloutPlan, grad: bool):
+        with torch.set_grad_enabled(grad):
+            return self.rollout.run(self.generator, self.new_policy(), plan.text, plan.draws.noise, plan.num_frames,
+                                    self.latent_shape, plan.exit_step, plan.switches, grad=grad)
+
+    def score_draws(self, draws: GlobalDraws, window):
+        """DMD timesteps [B] and noise for a window, from the rollout's own shared stream."""
+        world = self.trainer.world_size
+        timesteps = draws.share(dmd_timesteps(draws.generator, window.shape[0] * world, self.shift))
+        return timesteps, draws.noise(window.shape).to(window.device, window.dtype)
+
+    # ---- a step ------------------------------------------------------------------
+    def generator_step(self, step: int) -> dict:
+        trainer = self.trainer
+        loss_total = grad_total = 0.0
+        for micro in range(trainer.accumulation):
+            plan = self.plan(step, micro, "generator")
+            with trainer.autocast():
+                result = self.roll(plan, grad=True)
+                window, segments = result.window(self.grad_frames)
+                timesteps, noise = self.score_draws(plan.draws, window)
+                loss, grad_size = dmd_loss(window, self.real_score, self.critic, timesteps, noise, self.guidance,
+                                           segments)
+            trainer.backward(loss, self.generator, micro)
+            loss_total += loss.item() / trainer.accumulation
+            grad_total += grad_size / trainer.accumulation
+        grad_norm = trainer.optimizer_step("generator", step)
+        return {"generator_loss": loss_total, "dmd_grad": grad_total, "generator_grad_norm": grad_norm}
+
+    def critic_step(self, step: int) -> dict:
+        trainer = self.trainer
+        total = 0.0
+        for micro in range(trainer.accumulation):
+            plan = self.plan(step, micro, "critic")
+            with trainer.autocast():
+                result = self.roll(plan, grad=False)
+                window, segments = result.window(self.grad_frames)
+                timesteps, noise = self.score_draws(plan.draws, window)
+                loss = critic_loss(self.critic, window, timesteps, noise, segments)
+            trainer.backward(loss, self.critic, micro)
+            total += loss.item() / trainer.accumulation
+        return {"loss": total, "critic_grad_norm": trainer.optimizer_step("critic", step)}
+
+    def step(self, step: int) -> dict:
+        metrics = self.generator_step(step) if trains_generator(step, self.generator_every) else {}
+        return {**self.critic_step(step), **metrics}
