@@ -92,6 +92,7 @@ class Trainer:
         self.activation_checkpointing = bool(cfg.get("activation_checkpointing", False))
         self._init_distributed()
         self.models, self.optimizers, self.schedulers, self.emas = {}, {}, {}, {}
+        self.extra_states = {}
         self.sharded = set()
         if cfg.get("recipe") not in RECIPES:
             raise TetherError(f"unknown recipe '{cfg.get('recipe')}' (known: {', '.join(sorted(RECIPES))})")
@@ -169,6 +170,14 @@ class Trainer:
                 register_fsdp_forward_method(module, method)
         return module
 
+    def add_state(self, name: str, obj):
+        """Checkpoint any object with `state_dict`/`load_state_dict` (e.g. an error bank) along with the models.
+
+        Its state must be the same on every rank: rank 0's copy is saved and every rank loads it.
+        """
+        self.extra_states[name] = obj
+        return obj
+
     def add_optimizer(self, name: str, module, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0,
                       schedule: str = "constant", final_lr_ratio: float = 1.0, warmup: int = 0):
         params = [p for p in module.parameters() if p.requires_grad]
@@ -237,6 +246,7 @@ class Trainer:
             state["schedulers"][name] = self.schedulers[name].state_dict()
         for name, ema in self.emas.items():
             state["emas"][name] = {k: v.cpu() for k, v in ema.state_dict().items()}
+        state["extra"] = {name: obj.state_dict() for name, obj in self.extra_states.items()}
         state["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
         return state
 
@@ -263,6 +273,8 @@ class Trainer:
             self.schedulers[name].load_state_dict(state["schedulers"][name])
         for name, ema in self.emas.items():
             ema.load_state_dict(state["emas"][name], self.models[name])
+        for name, obj in self.extra_states.items():
+            obj.load_state_dict(state["extra"][name])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
