@@ -36,6 +36,8 @@ def test_generate_end_to_end_with_a_switch(tmp_path):
         (["--prompt", "x", "--checkpoint", "/no/such/ckpt.pt"], "not found"),
         (["--prompt", "x", "-o", "/no/such/dir/out.mp4"], "/no/such/dir"),
         (["--prompt", "x", "--switch", "sideways"], "unknown switch"),
+        (["--prompt", "x", "--policy", "slow-fast", "--policy-opt", "colour=blue"], "bad options"),
+        (["--prompt", "x", "--policy-opt", "novalue"], "KEY=VALUE"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tmp_path, args, fragment):
@@ -47,6 +49,16 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, fragment):
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("policy", ["frame-sink", "infinity-rope", "rolling", "slow-fast", "dual"])
+def test_every_policy_runs_from_the_cli(tmp_path, policy):
+    out = tmp_path / f"{policy}.mp4"
+    extra = ["--policy-opt", "promotion=code"] if policy == "slow-fast" else []
+    result = tether("generate", "--timeline", "a red circle bounces on grass[2c] | a blue square rests on snow[2c#]",
+                    "--policy", policy, *extra, "--quiet", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert probe_video(str(out))[0] == 9 + 3 * 12
 
 
 def test_incompatible_checkpoint_is_one_line(tmp_path):

@@ -54,6 +54,19 @@ def load_from_args(args):
                          ema=args.ema, lora=args.lora, lora_alpha=args.lora_alpha)
 
 
+def parse_options(items) -> dict:
+    """KEY=VALUE strings -> dict, values read as YAML (true, 3, 0.9, code)."""
+    import yaml
+
+    options = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise TetherError(f"option '{item}' is not KEY=VALUE")
+        options[key.replace("-", "_")] = yaml.safe_load(raw)
+    return options
+
+
 def cmd_generate(args) -> int:
     import torch
     from tqdm import tqdm
@@ -64,7 +77,8 @@ def cmd_generate(args) -> int:
     from .video import VideoWriter, check_writable
 
     timeline = resolve_timeline(prompt=args.prompt, timeline=args.timeline, seconds=args.seconds)
-    make_policy(args.policy)  # fail on a bad name before loading anything
+    policy_options = parse_options(args.policy_opt)
+    make_policy(args.policy, **policy_options)  # fail on a bad name or option before loading anything
     if args.switch:
         make_switch_rule(args.switch)
     check_writable(args.output)
@@ -76,7 +90,8 @@ def cmd_generate(args) -> int:
     started = time.perf_counter()
     with VideoWriter(args.output, fps=pipe.fps) as writer, tqdm(total=timeline.num_chunks, unit="chunk",
                                                                desc=f"generate [{args.policy}]", disable=args.quiet) as bar:
-        for chunk in pipe.generate(timeline, policy=args.policy, seed=args.seed, switch=args.switch):
+        for chunk in pipe.generate(timeline, policy=args.policy, seed=args.seed, switch=args.switch,
+                                    policy_options=policy_options):
             writer.write(chunk.frames)
             frames_done += len(chunk.frames)
             bar.set_postfix(fps=f"{frames_done / (time.perf_counter() - started):.1f}", refresh=False)
@@ -115,7 +130,10 @@ def build_parser():
     source.add_argument("--timeline", help="'a fox runs[10s] | it stops[5s#]' or a .yaml/.json file")
     g.add_argument("--seconds", type=float, help="video length (default 5 s for a single prompt)")
     g.add_argument("--policy", default="window", help="memory policy (see README)")
-    g.add_argument("--switch", help="switch rule at prompt changes (default: the policy's own)")
+    g.add_argument("--policy-opt", action="append", metavar="KEY=VALUE",
+                   help="policy option, repeatable (e.g. promotion=code for slow-fast, global_sink=true for frame-sink)")
+    g.add_argument("--switch", help="switch rule at prompt changes: text-reset, kv-recache, kv-flush, apr "
+                                    "(default: the policy's own)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("-o", "--output", required=True, help="output .mp4")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
