@@ -1,0 +1,175 @@
+"""`vae`: train the toy world's video VAE (Wan2.1's architecture, narrow channels).
+
+Wan's own VAE is pretrained and never trained here; only the toy one (a random
+`AutoencoderKLWan` with base_dim 16) needs this, because random weights give
+latents that carry almost nothing of the frame.
+
+Batches are short world clips (1 + 4k frames, k = `data.frames` - 1) cut at a
+random point of an 81-frame clip, so objects are seen mid-motion, entering,
+leaving and under camera pans. `data.frames/height/width` count *latent*
+frames and pixels, as every other recipe's data section does.
+
+Loss, on pixels in [-1, 1]:
+- L1 + MSE: L1 keeps flat colour regions exact, MSE punishes the rare large
+  errors on outlines that L1 tolerates;
+- an edge loss (L1 between the recon's and the clip's spatial differences),
+  because stripes and dots are 1-3 px features that a blurry recon loses while
+  barely moving the pixel loss;
+- KL to N(0, 1) with LDM's/Wan's weight 1e-6 *per pixel value* (the KL is
+  summed over latent values and divided by pixel values, as LDM sums both).
+  It is only there to keep the posterior's scale from drifting: the diffusion
+  model sees posterior means renormalised per channel (see `export`), so a
+  larger weight would cost reconstruction and buy nothing.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ...vae import LatentCodec, load_vae
+from ..recipe import Recipe, register_recipe
+from ..toy_data import clips_to_video, sample_clip
+
+CLIP_FRAMES = 81  # batches are cut from clips this long (5 s at 16 fps), as the dataset's clips are
+HELD_OUT_SEED = 1  # training draws from stream data.seed (0); evaluation and statistics from this one
+
+
+def _temporal_stride(vae) -> int:
+    return vae.config.scale_factor_temporal or 4
+
+
+def psnr(reference_uint8: torch.Tensor, decoded_uint8: torch.Tensor) -> float:
+    mse = (reference_uint8.float() - decoded_uint8.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+@torch.no_grad()
+def evaluate_vae(codec: LatentCodec, n_clips: int = 16, seed: int = HELD_OUT_SEED, num_frames: int = 33,
+                 size: int = 64) -> float:
+    """PSNR (dB) of encode -> decode on held-out world clips, measured on the uint8 frames one would watch."""
+    squared, count = 0.0, 0
+    for index in range(n_clips):
+        frames, _ = sample_clip(seed, index, num_frames, size)
+        video = clips_to_video([frames]).to(device=codec.device, dtype=codec.dtype)
+        decoded = codec.decode(codec.encode(video)).float().clamp(-1, 1)
+        decoded_uint8 = (decoded + 1).mul(127.5).round()
+        reference = torch.from_numpy(frames).permute(3, 0, 1, 2).unsqueeze(0).float()
+        squared += (decoded_uint8.cpu() - reference).pow(2).sum().item()
+        count += reference.numel()
+    return 10 * math.log10(255.0**2 / (squared / count))
+
+
+@torch.no_grad()
+def latent_statistics(vae, n_clips: int, num_frames: int, size: int, seed: int = HELD_OUT_SEED):
+    """Per-channel mean and std of the posterior means of held-out clips (raw, unnormalised latents)."""
+    raw = []
+    for index in range(n_clips):
+        frames, _ = sample_clip(seed, 10_000 + index, num_frames, size)  # clips the PSNR evaluation does not use
+        raw.append(vae.encode(clips_to_video([frames])).latent_dist.mean)
+    raw = torch.cat(raw).transpose(0, 1).flatten(1)  # [channels, everything else]
+    return raw.mean(1).tolist(), raw.std(1).clamp_min(1e-6).tolist()
+
+
+@register_recipe
+class VAE(Recipe):
+    name = "vae"
+
+    def setup(self):
+        cfg = self.cfg
+        source = str(cfg.get("model", {}).get("source", "toy"))
+        vae = load_vae(source, fast_cpu_convolutions=False)  # a folder fine-tunes a trained VAE
+        self.vae = self.trainer.add_model("vae", vae.float().train().requires_grad_(True), ema=cfg.get("ema"),
+                                          ema_start=cfg.get("ema_start", 0))
+        opt = cfg.get("optimizer", {})
+        self.trainer.add_optimizer("vae", self.vae, lr=float(opt.get("lr", 5e-4)), betas=opt.get("betas", (0.9, 0.999)),
+                                   weight_decay=float(opt.get("weight_decay", 0.0)), schedule=opt.get("schedule", "constant"),
+                                   final_lr_ratio=float(opt.get("final_lr_ratio", 1.0)), warmup=int(opt.get("warmup", 0)))
+        data = cfg.get("data", {})
+        stride = _temporal_stride(vae)
+        self.num_frames = 1 + stride * (int(data.get("frames", 3)) - 1)
+        self.size = 8 * int(data.get("height", 8))
+        self.data_seed = int(data.get("seed", 0))
+        self.batch_size = int(cfg.get("batch_size", 2))
+        weights = cfg.get("loss", {})
+        self.weights = {name: float(weights.get(name, default))
+                        for name, default in (("l1", 1.0), ("mse", 1.0), ("edge", 0.5), ("kl", 1e-6))}
+        self.eval_every = int(cfg.get("eval_every", 0))
+        self.eval_clips = int(cfg.get("eval_clips", 4))
+
+    def batch(self, generator: torch.Generator, size: int) -> torch.Tensor:
+        """A batch of world clips [size, 3, T, H, W], each cut at a random frame of its 81-frame clip."""
+        clips = []
+        for _ in range(size):
+            index = int(torch.randint(2**31 - 1, (1,), generator=generator))
+            start = int(torch.randint(CLIP_FRAMES - self.num_frames + 1, (1,), generator=generator))
+            frames, _ = sample_clip(self.data_seed, index, start + self.num_frames, self.size)
+            clips.append(frames[start:])
+        return clips_to_video(clips)
+
+    def latent_shape(self, video: torch.Tensor) -> tuple:
+        config = self.vae.config
+        batch, _, frames, height, width = video.shape
+        return (batch, config.z_dim, 1 + (frames - 1) // _temporal_stride(self.vae), height // 8, width // 8)
+
+    def losses(self, video: torch.Tensor, noise: torch.Tensor) -> dict:
+        posterior = self.vae.encode(video).latent_dist
+        latents = posterior.mean + posterior.std * noise
+        recon = self.vae.decode(latents).sample
+        terms = {
+            "l1": (recon - video).abs().mean(),
+            "mse": (recon - video).pow(2).mean(),
+            "edge": sum((recon.diff(dim=d) - video.diff(dim=d)).abs().mean() for d in (-1, -2)) / 2,
+            "kl": 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).sum() / video.numel(),
+        }
+        terms["loss"] = sum(self.weights[name] * value for name, value in terms.items())
+        return terms
+
+    def step(self, step: int) -> dict:
+        trainer = self.trainer
+        size = self.batch_size * trainer.world_size
+        logged = {}
+        for micro in range(trainer.accumulation):
+            g = trainer.shared_generator(step, "batch", micro)
+            video = self.batch(g, size)
+            noise = torch.randn(self.latent_shape(video), generator=g)  # the posterior sample's noise, global like the batch
+            with trainer.autocast():
+                terms = self.losses(trainer.my_share(video), trainer.my_share(noise))
+            trainer.backward(terms["loss"], self.vae, micro)
+            for name, value in terms.items():
+                logged[name] = logged.get(name, 0.0) + value.item() / trainer.accumulation
+        logged["grad_norm"] = trainer.optimizer_step("vae", step)
+        if self.eval_every and (step + 1) % self.eval_every == 0:
+            # The live weights (not the EMA): cheap enough to watch progress in log.jsonl.
+            logged["psnr"] = evaluate_vae(LatentCodec(self.vae), self.eval_clips, num_frames=17, size=self.size)
+        return logged
+
+    def export(self, folder):
+        """A diffusers VAE folder whose config carries the latents' per-channel mean and std.
+
+        The diffusion transformer is trained on normalised latents; without
+        these statistics it would see latents of whatever scale the VAE drifted
+        to, far from the unit-variance noise it is trained to denoise.
+        """
+        from diffusers import AutoencoderKLWan
+
+        cfg = self.cfg
+        export_cfg = cfg.get("export", {})
+        vae = AutoencoderKLWan.from_config(self.vae.config)
+        vae.load_state_dict(self.trainer.weights("vae", ema=bool(cfg.get("ema"))))
+        vae.eval().requires_grad_(False)
+        frames = int(export_cfg.get("frames", 33))
+        mean, std = latent_statistics(vae, int(export_cfg.get("stats_clips", 32)), frames, self.size)
+        vae.register_to_config(latents_mean=mean, latents_std=std)
+        dtype = getattr(torch, str(export_cfg.get("dtype", "float32")))
+        folder = Path(folder)
+        torch.nn.Module.to(vae, dtype=dtype).save_pretrained(folder)  # ModelMixin.to warns about fp32-pinned modules; there are none
+        # Check what was written, after the cast: the folder is what the pipeline will load.
+        codec = LatentCodec(load_vae(folder))
+        eval_clips = int(export_cfg.get("eval_clips", 16))
+        report = {"psnr_db": evaluate_vae(codec, eval_clips, num_frames=frames, size=self.size),
+                  "eval_clips": eval_clips, "eval_frames": frames, "size": self.size, "dtype": str(dtype),
+                  "steps": self.trainer.total_steps}
+        (folder / "evaluation.json").write_text(json.dumps(report, indent=1) + "\n")
+        return report
