@@ -212,3 +212,92 @@ def test_cf_teacher_resumes_exactly_with_its_error_bank(tmp_path):
         assert torch.equal(whole.recipe.bank.storage[kind], second.recipe.bank.storage[kind])
     a, b = whole.weights("model"), second.weights("model")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- the distillation stages --------------------------------------------------------
+
+from tether.memory import make_policy  # noqa: E402
+from tether.train.recipes.context_forcing import (ContextualScore, MemoryRecorder, chunk_range,  # noqa: E402
+                                                  memory_context, slice_context)
+
+
+def stage_config(recipe, *extra):
+    return load_config(recipe, overrides=TINY + ["steps=2"] + list(extra))
+
+
+def test_stage2_context_from_the_students_memory_hand_worked():
+    held = {"sink": [0, 1, 2], "slow": [6, 12, 18, 24], "fast": [27, 28, 29]}
+    indices, num_sink = memory_context(held, target_start=30)
+    # motion = the 6 frames before the target; slow frame 24 is among them and is not repeated
+    assert indices == [0, 1, 2, 6, 12, 18, 24, 25, 26, 27, 28, 29] and num_sink == 3
+    assert context_positions(3, 9, 30, 21) == [0, 1, 2] + list(range(12, 21)) + list(range(21, 42))
+    assert slice_context(30) == (list(range(9, 30)), 0)
+    assert slice_context(12) == (list(range(12)), 0)
+    assert context_positions(0, 12, 12, 21) == list(range(33))  # short history: exact distances
+
+
+def test_memory_recorder_sees_the_memory_before_the_target_and_changes_nothing():
+    policy = make_policy("slow-fast", promotion="uniform")
+    recorder = MemoryRecorder(policy, at=30)
+    from tether.memory import CachedFrame
+
+    for first in range(0, 36, 3):
+        recorder.view(3, lambda k, p, h, w: k)
+        frames = [CachedFrame(first + i, torch.zeros(1, 1, 1, 1), torch.randn(2, 1, 1, 1, 4), torch.zeros(2, 1, 1, 1, 4), (1, 1))
+                  for i in range(3)]
+        recorder.commit(frames)
+        recorder.advance(3)
+    # uniform promotion: first frames of even chunks, moved to slow memory as they leave the fast FIFO
+    assert recorder.held == {"sink": [0, 1, 2], "slow": [6, 12, 18, 24], "fast": [27, 28, 29]}
+    assert policy.next_index == 36 and [f.index for f in policy.fast] == [33, 34, 35]
+
+
+def test_contextual_score_prepends_clean_context_at_the_given_positions():
+    from tether.checkpoints import load_transformer
+
+    model = load_transformer("tiny").eval()
+    g = torch.Generator().manual_seed(0)
+    context, noisy = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 4, 2, 4, 4, generator=g)
+    text = torch.randn(2, 16, 32, generator=g)
+    positions = [0, 1, 19, 21, 22]
+    score = ContextualScore(model, context, positions)
+    with torch.no_grad():
+        out = score.forward_bidirectional(noisy, torch.tensor([300.0, 700.0]), text)
+        frame_t = torch.tensor([[0, 0, 0, 300, 300], [0, 0, 0, 700, 700.0]])
+        full = model.forward_bidirectional(torch.cat([context, noisy], 2), frame_t, text, frame_positions=torch.tensor(positions))
+    assert out.shape == noisy.shape and torch.equal(out, full[:, :, 3:])
+
+
+def test_stage_lengths_and_the_curriculum(tmp_path):
+    assert chunk_range([6, 21], 3) == (2, 7) and chunk_range([4, 21], 3) == (2, 7) and chunk_range([1, 2], 3) == (1, 1)
+    one = Trainer(stage_config("cf-stage1"), tmp_path / "one", progress=False).recipe
+    one.setup()
+    lengths = {one.plan(s, 0, "critic").num_frames for s in range(40)}
+    assert lengths == {6, 9, 12, 15, 18, 21}
+    two = Trainer(stage_config("cf-stage2", "rollout.frames=[42,120]", "curriculum_steps=600"), tmp_path / "two",
+                  progress=False).recipe
+    two.setup()
+    assert [two.longest_chunks(s) * 3 for s in (0, 300, 600, 900)] == [42, 81, 120, 120]
+    near_300 = {two.plan(s, 0, "critic").num_frames for s in range(300, 340)}
+    assert min(near_300) >= 42 and max(near_300) <= 84 and len(near_300) > 5
+    assert two.target_frames(42) == 21 and two.target_frames(12) == 9 and two.target_frames(3) == 3
+
+
+def test_the_generator_cosine_spans_its_own_updates(tmp_path):
+    trainer = Trainer(stage_config("cf-stage1", "steps=600"), tmp_path / "r", progress=False)
+    trainer.recipe.setup()
+    assert trainer.cfg["optimizer"]["horizon"] == 120  # 600 steps, a generator update every 5th
+    opt, schedule = trainer.optimizers["generator"], trainer.schedulers["generator"]
+    for _ in range(120):
+        opt.step()
+        schedule.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * 2e-5)
+
+
+@pytest.mark.parametrize("context", ["memory", "slice"])
+def test_stage2_runs_with_either_context(tmp_path, context):
+    trainer = Trainer(stage_config("cf-stage2", f"context={context}", "rollout.frames=[12,18]"), tmp_path / context,
+                      progress=False)
+    last = trainer.run()
+    assert "generator_loss" in json.loads(open(tmp_path / context / "log.jsonl").readline())
+    assert all(torch.isfinite(torch.tensor(v)) for v in last.values())

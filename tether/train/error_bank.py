@@ -16,8 +16,9 @@ Where tether had to choose:
 
 - The unit of storage is one latent frame [C, h, w], not a whole clip: one
   bank then serves the 6 motion frames and the 21 target frames alike (and any
-  shorter layout), and a Wan-scale bank costs 21x less memory (50 x 500 x 2
-  kinds x 16x60x104 values is about 5 GB in fp32; `dtype` can halve that).
+  shorter layout), and a Wan-scale bank costs 21x less memory than one of
+  whole clips: 50 x 500 x 2 kinds x 16x60x104 values, 20 GB in float32 and
+  10 GB in bfloat16 (`dtype`), held on the host.
   A draw for F frames takes F entries of one bin independently.
 - An empty bin borrows from the nearest filled bin (the lower one on a tie):
   early in training most bins are empty, and waiting for all 50 to fill

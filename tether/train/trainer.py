@@ -179,10 +179,11 @@ class Trainer:
         return obj
 
     def add_optimizer(self, name: str, module, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0,
-                      schedule: str = "constant", final_lr_ratio: float = 1.0, warmup: int = 0):
+                      schedule: str = "constant", final_lr_ratio: float = 1.0, warmup: int = 0, horizon: int | None = None):
+        """`horizon`: how many times this optimiser will step (default: the run's steps); the cosine spans it."""
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-        total = max(1, self.total_steps)
+        total = max(1, int(horizon) if horizon else self.total_steps)
 
         def factor(step):
             warm = min(1.0, (step + 1) / warmup) if warmup else 1.0

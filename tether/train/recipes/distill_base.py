@@ -15,7 +15,8 @@ from ..recipe import Recipe
 def add_optimizer_from_config(trainer, name: str, module, opt: dict, default_lr: float):
     return trainer.add_optimizer(name, module, lr=float(opt.get("lr", default_lr)), betas=opt.get("betas", (0.9, 0.999)),
                                  weight_decay=float(opt.get("weight_decay", 0.0)), schedule=opt.get("schedule", "constant"),
-                                 final_lr_ratio=float(opt.get("final_lr_ratio", 1.0)), warmup=int(opt.get("warmup", 0)))
+                                 final_lr_ratio=float(opt.get("final_lr_ratio", 1.0)), warmup=int(opt.get("warmup", 0)),
+                                 horizon=opt.get("horizon"))
 
 
 class GlobalDraws:

@@ -1,0 +1,213 @@
+"""`cf-stage1` and `cf-stage2`: Context Forcing's two distillation stages [CF, SPEC §4].
+
+Both are Self-Forcing DMD (`self_forcing.py`, `dmd.py`, `rollout.py`) with the
+student rolling out through its slow-fast memory (sink 3 + slow 12 + fast 6,
+bounded positions in [0, 20]).
+
+- Stage 1 (600 iterations, guidance 3): short rollouts of 1-5 s
+  (`rollout.frames: [6, 21]` latent frames, whole chunks, drawn per rollout),
+  each judged whole by the ordinary short teacher, so the student learns to
+  generate from its slow-fast memory before it has to remember far back.
+- Stage 2, Contextual DMD (500 iterations, guidance 5): long rollouts; the
+  last 21 latent frames are the target and the student's own earlier output
+  is the context. The real score (the `cf-teacher` export) and the critic
+  both see [clean context ‖ noisy target] (`ContextualScore`); the DMD and
+  critic losses themselves are `dmd.py`'s, unchanged. The rollout length
+  follows a curriculum: the longest allowed grows linearly from
+  `rollout.frames[0]` to `rollout.frames[1]` over `curriculum_steps` (600)
+  steps and each rollout's length is uniform (whole chunks) up to it. With
+  500 iterations the curriculum stops at 5/6 of its way, as published.
+
+Stage 2's context (`context`):
+- `memory` (the paper): the teacher sees what the student's memory held when
+  the target began: its sink and slow frames, then the 6 frames just before
+  the target (the cf-teacher's "motion" latents, which include the student's
+  fast frames; a slow frame among them is not repeated). Positions are the
+  cf-teacher's bounded layout (`cf_teacher.context_positions`), which is what
+  the teacher was fine-tuned on.
+- `slice` (the public code): the 21 contiguous latents before the target
+  (fewer early on), packed right before it. The public code re-encodes the
+  first of them through the VAE; tether trains on latents and does not.
+
+Models: generator `model.source` (stage 1: an ode-init or self-forcing
+export; stage 2: the stage-1 export), real score `teacher.source` (stage 1:
+the short teacher; stage 2: the cf-teacher export), critic `critic.source`;
+unset sources follow `model.source` (see `dmd.score_sources`).
+
+Learning-rate schedule: the generator steps every `generator_every`-th
+iteration, and the trainer's schedules count optimiser steps, so the
+generator's cosine runs over ceil(steps / generator_every) updates
+(`optimizer.horizon`, filled in here unless set) to end at 0.2x as published.
+"""
+
+import math
+
+import torch
+
+from ..dmd import critic_loss, dmd_loss
+from ..recipe import register_recipe
+from ..rollout import GRAD_FRAMES
+from .cf_teacher import MOTION, SPARSE, SINK, context_positions
+from .self_forcing import SelfForcing
+
+CONTEXTS = ("memory", "slice")
+
+
+def chunk_range(frames, chunk_frames: int) -> tuple:
+    """[min, max] latent frames as whole chunks (at least one)."""
+    low, high = frames
+    low_chunks = max(1, math.ceil(int(low) / chunk_frames))
+    return low_chunks, max(low_chunks, int(high) // chunk_frames)
+
+
+class ContextualScore:
+    """A bidirectional model that sees clean context frames (timestep 0) before the noisy frames it scores.
+
+    It offers `forward_bidirectional(noisy, timesteps [B], text)` like a plain
+    score and returns the flow on the noisy frames only, so `dmd.py`'s losses
+    use it unchanged.
+    """
+
+    def __init__(self, model, context: torch.Tensor, positions: list):
+        self.model = model
+        self.context = context.detach()
+        self.positions = torch.tensor(positions)
+
+    def forward_bidirectional(self, noisy, timesteps, text, frame_positions=None):
+        batch, num_context, frames = noisy.shape[0], self.context.shape[2], noisy.shape[2]
+        t = torch.as_tensor(timesteps, device=noisy.device).float().view(batch, 1)
+        frame_t = torch.cat([torch.zeros(batch, num_context, device=noisy.device), t.expand(batch, frames)], dim=1)
+        latents = torch.cat([self.context.to(noisy), noisy], dim=2)
+        flow = self.model.forward_bidirectional(latents, frame_t, text, frame_positions=self.positions)
+        return flow[:, :, num_context:]
+
+
+class MemoryRecorder:
+    """A memory policy, unchanged, that notes which frames it holds when frame `at` is about to be generated."""
+
+    def __init__(self, policy, at: int):
+        self.policy = policy
+        self.at = at
+        self.held = None
+
+    def view(self, num_query_frames: int, rotate):
+        if self.policy.next_index == self.at:
+            self.held = {group: [f.index for f in getattr(self.policy, group)] for group in self.policy.frame_groups}
+        return self.policy.view(num_query_frames, rotate)
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+
+def memory_context(held: dict, target_start: int, motion: int = MOTION) -> tuple:
+    """Context frame indices and how many are sink, from the student's memory at the target's start (paper layout)."""
+    motion_frames = list(range(max(0, target_start - motion), target_start))
+    sink = [i for i in held.get("sink", []) if i not in motion_frames]
+    slow = [i for i in held.get("slow", []) if i not in motion_frames and i not in sink][-SPARSE:]
+    return sink + slow + motion_frames, len(sink)
+
+
+def slice_context(target_start: int, frames: int = GRAD_FRAMES) -> tuple:
+    """The `frames` latents just before the target (public code), none of them a sink."""
+    return list(range(max(0, target_start - frames), target_start)), 0
+
+
+@register_recipe
+class ContextForcingStage1(SelfForcing):
+    name = "cf-stage1"
+    default_policy = "slow-fast"
+    default_frames = (6, 21)
+
+    def setup(self):
+        cfg = self.cfg
+        opt = cfg.setdefault("optimizer", {})
+        if opt.get("horizon") is None:
+            opt["horizon"] = math.ceil(int(cfg.get("steps", 1)) / int(cfg.get("generator_every", 5)))
+        super().setup()
+        roll = cfg.get("rollout", {})
+        self.min_chunks, self.max_chunks = chunk_range(roll.get("frames", self.default_frames), self.chunk_frames)
+
+    def longest_chunks(self, step: int) -> int:
+        return self.max_chunks
+
+    def plan(self, step: int, micro: int, purpose: str):
+        plan = super().plan(step, micro, purpose)
+        high = self.longest_chunks(step)
+        plan.num_frames = self.chunk_frames * int(torch.randint(self.min_chunks, high + 1, (1,), generator=plan.draws.generator))
+        return plan
+
+
+@register_recipe
+class ContextForcingStage2(ContextForcingStage1):
+    name = "cf-stage2"
+    default_frames = (42, 120)
+
+    def setup(self):
+        super().setup()
+        self.curriculum_steps = int(self.cfg.get("curriculum_steps", 600))
+        self.context = self.cfg.get("context", "memory")
+        if self.context not in CONTEXTS:
+            from ...errors import TetherError
+
+            raise TetherError(f"unknown context '{self.context}' for cf-stage2 (known: {', '.join(CONTEXTS)})")
+
+    def longest_chunks(self, step: int) -> int:
+        """The curriculum: from the shortest to the longest rollout, linearly over `curriculum_steps`."""
+        progress = min(1.0, step / max(1, self.curriculum_steps))
+        return self.min_chunks + int(progress * (self.max_chunks - self.min_chunks))
+
+    def target_frames(self, num_frames: int) -> int:
+        """21 frames, or fewer when a rollout is too short to leave at least a chunk of context."""
+        return max(self.chunk_frames, min(self.grad_frames, num_frames - self.chunk_frames))
+
+    def roll(self, plan, grad: bool):
+        target_start = plan.num_frames - self.target_frames(plan.num_frames)
+        recorder = MemoryRecorder(self.new_policy(), target_start)
+        with torch.set_grad_enabled(grad):
+            result = self.rollout.run(self.generator, recorder, plan.text, plan.draws.noise, plan.num_frames,
+                                      self.latent_shape, plan.exit_step, plan.switches, grad=grad)
+        result.memory = recorder.held or {}
+        return result
+
+    def contextual(self, result):
+        """The target window, its prompt segments, and the real score and critic seeing its context."""
+        frames = result.latents.shape[2]
+        target_start = frames - self.target_frames(frames)
+        window, segments = result.window(frames - target_start)
+        if self.context == "memory":
+            indices, num_sink = memory_context(result.memory, target_start)
+        else:
+            indices, num_sink = slice_context(target_start)
+        positions = context_positions(num_sink, len(indices) - num_sink, target_start, window.shape[2],
+                                      top=SINK + SPARSE + MOTION)
+        context = result.latents[:, :, indices].detach()
+        return (window, segments, ContextualScore(self.real_score, context, positions),
+                ContextualScore(self.critic, context, positions))
+
+    def generator_step(self, step: int) -> dict:
+        trainer = self.trainer
+        loss_total = grad_total = 0.0
+        for micro in range(trainer.accumulation):
+            plan = self.plan(step, micro, "generator")
+            with trainer.autocast():
+                window, segments, real, fake = self.contextual(self.roll(plan, grad=True))
+                timesteps, noise = self.score_draws(plan.draws, window)
+                loss, grad_size = dmd_loss(window, real, fake, timesteps, noise, self.guidance, segments)
+            trainer.backward(loss, self.generator, micro)
+            loss_total += loss.item() / trainer.accumulation
+            grad_total += grad_size / trainer.accumulation
+        grad_norm = trainer.optimizer_step("generator", step)
+        return {"generator_loss": loss_total, "dmd_grad": grad_total, "generator_grad_norm": grad_norm}
+
+    def critic_step(self, step: int) -> dict:
+        trainer = self.trainer
+        total = 0.0
+        for micro in range(trainer.accumulation):
+            plan = self.plan(step, micro, "critic")
+            with trainer.autocast():
+                window, segments, _, fake = self.contextual(self.roll(plan, grad=False))
+                timesteps, noise = self.score_draws(plan.draws, window)
+                loss = critic_loss(fake, window, timesteps, noise, segments)
+            trainer.backward(loss, self.critic, micro)
+            total += loss.item() / trainer.accumulation
+        return {"loss": total, "critic_grad_norm": trainer.optimizer_step("critic", step)}
