@@ -103,6 +103,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.recipe == "toy":  # not a recipe: the whole toy chain, stage by stage (tether/train/toy.py)
+        from .train.toy import run_toy_chain
+
+        if args.device:
+            args.device = _device(args.device)
+        return run_toy_chain(args)
     from .train import Trainer
     from .train.config import load_config
 
@@ -151,6 +157,7 @@ def build_parser():
     t.add_argument("--export", help="after training, write the result in its inference format to this folder")
     t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     t.add_argument("--quiet", action="store_true")
+    t.add_argument("--until", help="toy chain only (`tether train toy`): stop after this stage")
     t.set_defaults(run=cmd_train)
     from .bench import add_bench_parser  # `tether bench speed`, and later benchmarks
     add_bench_parser(sub)

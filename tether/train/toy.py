@@ -1,0 +1,228 @@
+"""`tether train toy`: the whole toy model, from nothing to a pipeline bundle, as resumable stages.
+
+    vae      train the toy video VAE (or take the shipped one, tether/weights/toy_vae)
+    text     the toy text encoder: a frozen, randomly initialised umT5 over the world's words
+    dataset  render world clips, encode them once (VAE latents + text embeddings)
+    teacher  bidirectional flow-matching teacher on that dataset
+    student  ode-init, then self-forcing (when those recipes are registered)
+    export   a bundle folder that `tether generate --checkpoint` loads
+
+A stage whose output exists is skipped, so re-running the command continues
+the chain; a stage interrupted mid-training continues from its checkpoint with
+--resume. `--until STAGE` stops after STAGE. Wall times go to chain.json.
+
+Overrides are `STAGE.key=value`: recipe stages pass `key=value` to that
+recipe's toy config (`teacher.steps=500`, `ode-init.batch_size=2`); `text.*`
+and `dataset.*` set the stage's own settings below; `vae.shipped=false` trains
+the VAE even when a shipped one exists.
+"""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from ..errors import TetherError
+
+SHIPPED_VAE = Path(__file__).resolve().parent.parent / "weights" / "toy_vae"
+STAGES = ("vae", "text", "dataset", "teacher", "student", "export")
+RECIPE_STAGES = ("vae", "teacher", "ode-init", "self-forcing")
+# The toy transformer (tether.configs.CONFIGS["toy"]) reads 32 text tokens of width 128.
+DEFAULTS = {
+    "text": {"dim": 128, "layers": 2, "heads": 4, "text_len": 32, "seed": 0},
+    "dataset": {"clips": 2000, "frames": 81, "size": 64, "seed": 0, "batch_size": 4},
+    "vae": {"shipped": True},
+}
+
+
+class ToyChain:
+    def __init__(self, out="runs/toy", resume: bool = False, overrides=(), progress: bool = True, device: str | None = None):
+        self.out = Path(out)
+        self.resume = resume
+        self.progress = progress
+        self.device = device
+        self.settings = {stage: dict(values) for stage, values in DEFAULTS.items()}
+        self.recipe_overrides = {stage: [] for stage in RECIPE_STAGES}
+        self._read_overrides(overrides)
+        self.times_path = self.out / "chain.json"
+
+    def _read_overrides(self, overrides) -> None:
+        import yaml
+
+        for item in overrides:
+            stage, _, rest = item.partition(".")
+            if "=" not in rest:
+                raise TetherError(f"toy chain override '{item}' is not STAGE.key=value (stages: {', '.join(STAGES)})")
+            key, raw = rest.split("=", 1)
+            if stage == "vae" and key == "shipped":
+                self.settings["vae"]["shipped"] = bool(yaml.safe_load(raw))
+            elif stage in RECIPE_STAGES:
+                self.recipe_overrides[stage].append(rest)
+            elif stage in ("text", "dataset"):
+                if key not in DEFAULTS[stage]:
+                    raise TetherError(f"unknown {stage} setting '{key}' (known: {', '.join(DEFAULTS[stage])})")
+                self.settings[stage][key] = yaml.safe_load(raw)
+            else:
+                raise TetherError(f"toy chain override '{item}': no stage '{stage}' (stages: {', '.join(RECIPE_STAGES + ('text', 'dataset'))})")
+
+    # ---- paths: each stage's output, whose existence marks the stage done ---------------
+    @property
+    def vae_folder(self) -> Path:
+        return self.out / "vae" / "export"
+
+    @property
+    def text_folder(self) -> Path:
+        return self.out / "text_encoder"
+
+    @property
+    def dataset_folder(self) -> Path:
+        return self.out / "dataset"
+
+    def transformer_of(self, recipe: str) -> Path:
+        return self.out / recipe / "export" / "transformer.safetensors"
+
+    @property
+    def bundle_folder(self) -> Path:
+        return self.out / "bundle"
+
+    def done(self, stage: str) -> bool:
+        outputs = {
+            "vae": self.vae_folder / "config.json",
+            "text": self.text_folder / "tokenizer.json",  # written last by save_toy_text_encoder
+            "dataset": self.dataset_folder / "latents.pt",
+            "teacher": self.transformer_of("teacher"),
+            "student": self.transformer_of("self-forcing"),
+            "export": self.bundle_folder / "pipeline.json",
+        }
+        return outputs[stage].exists()
+
+    # ---- running ------------------------------------------------------------------------
+    def run(self, until: str | None = None) -> dict:
+        if until is not None and until not in STAGES:
+            raise TetherError(f"unknown stage '{until}' (stages: {', '.join(STAGES)})")
+        last = STAGES.index(until) if until else len(STAGES) - 1
+        self.out.mkdir(parents=True, exist_ok=True)
+        times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
+        for number, stage in enumerate(STAGES[:last + 1], 1):
+            header = f"[{number}/{len(STAGES)}] {stage}"
+            if self.done(stage):
+                print(f"{header}: done already, skipped", flush=True)
+                continue
+            print(f"{header}: running", flush=True)
+            began = time.perf_counter()
+            note = getattr(self, "stage_" + stage.replace("-", "_"))()
+            seconds = time.perf_counter() - began
+            # A resumed stage adds up the wall time of all its runs.
+            previous = times.get(stage, {}).get("seconds", 0.0)
+            times[stage] = {"seconds": round(previous + seconds, 1), "note": note}
+            self.times_path.write_text(json.dumps(times, indent=1) + "\n")
+            print(f"{header}: finished in {seconds:.0f} s{' (' + note + ')' if note else ''}", flush=True)
+        return times
+
+    def _train(self, recipe: str, extra=()) -> "object":
+        """Run (or continue) a recipe in out/<recipe>, then export it to out/<recipe>/export."""
+        from . import Trainer
+        from .config import load_config
+
+        cfg = load_config(recipe, overrides=list(extra) + self.recipe_overrides.get(recipe, []))
+        if self.device:
+            cfg["device"] = self.device
+        run_dir = self.out / recipe
+        resume = (run_dir / "checkpoint.pt").exists()
+        if resume and not self.resume:
+            raise TetherError(f"{run_dir} holds an unfinished {recipe} run: pass --resume to continue it")
+        trainer = Trainer(cfg, run_dir, resume=resume, progress=self.progress)
+        last = trainer.run()
+        export = run_dir / "export"
+        export.mkdir(parents=True, exist_ok=True)
+        report = trainer.recipe.export(export)
+        return last, report
+
+    def stage_vae(self) -> str:
+        if self.settings["vae"]["shipped"] and (SHIPPED_VAE / "config.json").exists():
+            shutil.copytree(SHIPPED_VAE, self.vae_folder, dirs_exist_ok=True)
+            return f"copied the shipped VAE {SHIPPED_VAE} (vae.shipped=false trains one)"
+        _, report = self._train("vae")
+        return f"held-out PSNR {report['psnr_db']:.2f} dB"
+
+    def stage_text(self) -> str:
+        from ..text import make_toy_text_encoder, save_toy_text_encoder
+        from ..world import vocabulary
+
+        s = self.settings["text"]
+        encoder = make_toy_text_encoder(vocabulary(), dim=s["dim"], layers=s["layers"], heads=s["heads"],
+                                        text_len=s["text_len"], seed=s["seed"])
+        shutil.rmtree(self.text_folder, ignore_errors=True)  # a half-written folder from an interrupted run
+        save_toy_text_encoder(encoder, self.text_folder)
+        return f"umT5 dim {s['dim']}, {s['layers']} layers, {s['text_len']} tokens, frozen random (seed {s['seed']})"
+
+    def stage_dataset(self) -> str:
+        from ..text import load_text_encoder
+        from ..vae import LatentCodec, load_vae
+        from .toy_data import build_latent_dataset
+
+        s = self.settings["dataset"]
+        codec = LatentCodec(load_vae(self.vae_folder))
+        text_encoder = load_text_encoder(str(self.text_folder))
+        stats = build_latent_dataset(self.dataset_folder, codec, text_encoder, s["clips"], s["frames"], s["size"],
+                                     seed=s["seed"], batch_size=s["batch_size"], progress=self.progress)
+        rate = stats["clips_per_second"]
+        return f"{s['clips']} clips, latents {stats['latent_shape']}" + (f", {rate:.2f} clips/s" if rate else "")
+
+    def _data_overrides(self):
+        return ["data.kind=latents", f"data.path={self.dataset_folder}"]
+
+    def stage_teacher(self) -> str:
+        last, _ = self._train("teacher", self._data_overrides())
+        return f"final loss {last.get('loss', float('nan')):.4g}" if last else ""
+
+    def stage_student(self) -> str:
+        from .recipe import RECIPES
+
+        missing = [r for r in ("ode-init", "self-forcing") if r not in RECIPES]
+        if missing:
+            message = f"recipe(s) {', '.join(missing)} not registered yet: student skipped, export uses the teacher"
+            print(f"  {message}", flush=True)
+            return message
+        teacher = str(self.transformer_of("teacher"))
+        if not self.transformer_of("ode-init").exists():
+            self._train("ode-init", self._data_overrides() + [f"teacher.source={teacher}"])
+        self._train("self-forcing", self._data_overrides() + [f"model.source={self.transformer_of('ode-init')}",
+                                                              f"teacher.source={teacher}"])
+        return "ode-init + self-forcing"
+
+    def stage_export(self) -> str:
+        from ..configs import CONFIGS
+
+        student = self.transformer_of("self-forcing")
+        transformer = student if student.exists() else self.transformer_of("teacher")
+        if not transformer.exists():
+            raise TetherError(f"nothing to export: {transformer} is missing (run the teacher stage first)")
+        what = "causal self-forcing student" if student.exists() else \
+            "bidirectional teacher (no distilled student yet: slow, not causal-trained)"
+        dataset = self.settings["dataset"]
+        tmp = self.bundle_folder.with_name(self.bundle_folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shutil.copy2(transformer, tmp / "transformer.safetensors")
+        shutil.copytree(self.text_folder, tmp / "text_encoder")
+        shutil.copytree(self.vae_folder, tmp / "vae")
+        toy = CONFIGS["toy"]
+        meta = {"height": dataset["size"], "width": dataset["size"], "fps": 16,
+                "description": f"toy world model: {what}; toy VAE; {toy.num_layers}-layer dim-{toy.dim} transformer; "
+                               f"trained by `tether train toy` on {dataset['clips']} world clips"}
+        (tmp / "pipeline.json").write_text(json.dumps(meta, indent=1) + "\n")
+        shutil.rmtree(self.bundle_folder, ignore_errors=True)
+        tmp.replace(self.bundle_folder)
+        return f"bundle {self.bundle_folder} from the {what.split(' (')[0]}"
+
+
+def run_toy_chain(args) -> int:
+    """`tether train toy` (called from the CLI's train command)."""
+    chain = ToyChain(args.out or "runs/toy", resume=args.resume, overrides=args.overrides,
+                     progress=not args.quiet, device=getattr(args, "device", None))
+    times = chain.run(until=getattr(args, "until", None))
+    total = sum(t["seconds"] for t in times.values())
+    stages = ", ".join(f"{name} {entry['seconds']:.0f} s" for name, entry in times.items())
+    print(f"toy chain in {chain.out}: {stages} (total {total:.0f} s)")
+    return 0
