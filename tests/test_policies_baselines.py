@@ -26,19 +26,12 @@ LATENT = (4, 4, 4)  # C, h, w: 2x2 = 4 tokens per latent frame with the (1, 2, 2
 TOKENS_PER_FRAME = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model is all Python overhead; extra threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return WanTransformer(CONFIGS["tiny"]).eval()
+def model(tiny_model):
+    return tiny_model
 
 
 def encode(prompt: str) -> torch.Tensor:

@@ -23,19 +23,12 @@ TOKENS = 4  # (4 / 2) * (4 / 2)
 LAYERS, HEADS, HEAD_DIM = CFG.num_layers, CFG.num_heads, CFG.head_dim
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # a 64-wide model is fastest on one thread, and intra-op threads spin badly on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return WanTransformer(CFG).eval()
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,9 @@ class TextContext:
         return TextContext([(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)) for k, v in self.kv])
 
 
-class SelfAttention(nn.Module):
+class AttentionProjections(nn.Module):
+    """q, k, v, o and the RMSNorms on q and k, with Wan's parameter names."""
+
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
@@ -70,13 +72,19 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
+    def queries(self, x):
+        return self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+
+    def keys_values(self, x):
+        """Keys (normed, before RoPE) and values as [B, S, heads, head_dim]."""
+        heads = (self.num_heads, -1)
+        return self.norm_k(self.k(x)).unflatten(-1, heads), self.v(x).unflatten(-1, heads)
+
+
+class SelfAttention(AttentionProjections):
     def project(self, x):
         """Queries, pre-RoPE keys and values as [B, S, heads, head_dim]."""
-        heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        k = self.norm_k(self.k(x)).unflatten(-1, heads)
-        v = self.v(x).unflatten(-1, heads)
-        return q, k, v
+        return (self.queries(x), *self.keys_values(x))
 
 
 def attend(q, k, v, mask=None):
@@ -85,25 +93,13 @@ def attend(q, k, v, mask=None):
     return out.transpose(1, 2).flatten(2)
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
-
+class CrossAttention(AttentionProjections):
     def text_kv(self, context):
-        heads = (self.num_heads, -1)
-        return self.norm_k(self.k(context)).unflatten(-1, heads), self.v(context).unflatten(-1, heads)
+        return self.keys_values(context)
 
     def forward(self, x, text_kv):
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
         k, v = text_kv
-        return self.o(attend(q, k, v))
+        return self.o(attend(self.queries(x), k, v))
 
 
 class AttentionPlan:
