@@ -15,7 +15,6 @@ from tether.configs import CONFIGS
 from tether.errors import TetherError
 from tether.memory import CachedFrame, make_policy
 from tether.memory.rolling import ROLLING_STEPS
-from tether.model import WanTransformer
 from tether import sampler
 from tether.schedule import warp_steps
 from tether.stream import Stream

@@ -12,7 +12,6 @@ from tether.memory import CachedFrame, make_policy
 from tether.memory.apr import APR
 from tether.memory.base import AttentionView, Layout
 from tether.memory.switch import make_switch_rule
-from tether.model import WanTransformer
 from tether.sampler import FewStepSampler, commit
 from tether.stream import Stream
 from tether.timeline import Segment, Timeline
