@@ -266,6 +266,10 @@ def test_contextual_score_prepends_clean_context_at_the_given_positions():
         frame_t = torch.tensor([[0, 0, 0, 300, 300], [0, 0, 0, 700, 700.0]])
         full = model.forward_bidirectional(torch.cat([context, noisy], 2), frame_t, text, frame_positions=torch.tensor(positions))
     assert out.shape == noisy.shape and torch.equal(out, full[:, :, 3:])
+    with torch.no_grad():  # guidance stacks [cond | uncond]: the context repeats with the batch
+        stacked = score.forward_bidirectional(torch.cat([noisy, noisy]), torch.tensor([300.0, 700.0, 300.0, 700.0]),
+                                              torch.cat([text, text]))
+    assert torch.allclose(stacked, torch.cat([out, out]), atol=1e-5)
 
 
 def test_stage_lengths_and_the_curriculum(tmp_path):
@@ -301,3 +305,25 @@ def test_stage2_runs_with_either_context(tmp_path, context):
     last = trainer.run()
     assert "generator_loss" in json.loads(open(tmp_path / context / "log.jsonl").readline())
     assert all(torch.isfinite(torch.tensor(v)) for v in last.values())
+
+
+def test_lora_teacher_exports_as_plain_merged_weights():
+    from tether.checkpoints import load_transformer
+    from tether.model import WanTransformer
+    from tether.train.recipes.cf_teacher import add_lora, merge_lora
+
+    model = add_lora(load_transformer("tiny"), {"rank": 4, "alpha": 8})
+    assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)  # B starts at zero: make the adapters matter
+    plain = WanTransformer(model.config)
+    plain.load_state_dict(merge_lora(model.state_dict(), scale=8 / 4))
+    latents, text = torch.randn(1, 4, 3, 4, 4, generator=g), torch.randn(1, 16, 32, generator=g)
+    with torch.no_grad():
+        a = model.forward_bidirectional(latents, torch.tensor([500.0]), text)
+        b = plain.forward_bidirectional(latents, torch.tensor([500.0]), text)
+        base = load_transformer("tiny").forward_bidirectional(latents, torch.tensor([500.0]), text)
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, base, atol=1e-3)

@@ -65,7 +65,8 @@ class ContextualScore:
 
     It offers `forward_bidirectional(noisy, timesteps [B], text)` like a plain
     score and returns the flow on the noisy frames only, so `dmd.py`'s losses
-    use it unchanged.
+    use it unchanged. A batch that stacks copies of the context's batch (as
+    guidance stacks cond and uncond) sees the context repeated.
     """
 
     def __init__(self, model, context: torch.Tensor, positions: list):
@@ -77,7 +78,10 @@ class ContextualScore:
         batch, num_context, frames = noisy.shape[0], self.context.shape[2], noisy.shape[2]
         t = torch.as_tensor(timesteps, device=noisy.device).float().view(batch, 1)
         frame_t = torch.cat([torch.zeros(batch, num_context, device=noisy.device), t.expand(batch, frames)], dim=1)
-        latents = torch.cat([self.context.to(noisy), noisy], dim=2)
+        context = self.context.to(noisy)
+        if context.shape[0] != batch:  # callers may stack copies of the batch (guidance: [cond | uncond])
+            context = context.repeat(batch // context.shape[0], 1, 1, 1, 1)
+        latents = torch.cat([context, noisy], dim=2)
         flow = self.model.forward_bidirectional(latents, frame_t, text, frame_positions=self.positions)
         return flow[:, :, num_context:]
 
