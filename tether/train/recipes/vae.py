@@ -91,6 +91,9 @@ class VAE(Recipe):
         self.num_frames = 1 + stride * (int(data.get("frames", 3)) - 1)
         self.size = 8 * int(data.get("height", 8))
         self.data_seed = int(data.get("seed", 0))
+        # Training on random crops of the rendered frames: the VAE is convolutional, so a crop teaches
+        # the same local code at a quarter of the cost, i.e. 4x more updates in the same CPU time.
+        self.crop = min(self.size, 8 * int(data["crop"])) if data.get("crop") else self.size
         self.batch_size = int(cfg.get("batch_size", 2))
         weights = cfg.get("loss", {})
         self.weights = {name: float(weights.get(name, default))
@@ -104,8 +107,9 @@ class VAE(Recipe):
         for _ in range(size):
             index = int(torch.randint(2**31 - 1, (1,), generator=generator))
             start = int(torch.randint(CLIP_FRAMES - self.num_frames + 1, (1,), generator=generator))
+            top, left = (int(torch.randint(self.size - self.crop + 1, (1,), generator=generator)) for _ in range(2))
             frames, _ = sample_clip(self.data_seed, index, start + self.num_frames, self.size)
-            clips.append(frames[start:])
+            clips.append(frames[start:, top:top + self.crop, left:left + self.crop])
         return clips_to_video(clips)
 
     def latent_shape(self, video: torch.Tensor) -> tuple:

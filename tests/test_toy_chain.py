@@ -1,0 +1,97 @@
+"""The toy chain's first stages: world clips, the encoded dataset, the VAE recipe's export, the chain runner."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tether.text import load_text_encoder, make_toy_text_encoder
+from tether.train import Trainer
+from tether.train.config import load_config
+from tether.train.data import LatentData
+from tether.train.toy_data import build_latent_dataset, sample_clip
+from tether.vae import LatentCodec, load_vae
+from tether.world import parse, vocabulary
+
+# A tiny VAE run that still exercises training, statistics and the PSNR check.
+TINY_VAE = ["model.source=tiny", "data.frames=2", "data.height=2", "data.width=2", "batch_size=1", "ema=0.9",
+            "steps=2", "eval_every=0", "export.stats_clips=2", "export.eval_clips=1", "export.frames=5"]
+
+
+def test_clips_are_a_pure_function_of_seed_and_index():
+    frames, prompt = sample_clip(0, 7, num_frames=9, size=32)
+    again, prompt_again = sample_clip(0, 7, num_frames=9, size=32)
+    assert frames.dtype == np.uint8 and frames.shape == (9, 32, 32, 3)
+    assert prompt == prompt_again and np.array_equal(frames, again)
+    other, other_prompt = sample_clip(1, 7, num_frames=9, size=32)
+    assert other_prompt != prompt or not np.array_equal(other, frames)
+    prompts = [sample_clip(0, i, num_frames=1, size=16)[1] for i in range(40)]
+    scenes = [parse(p) for p in prompts]  # every prompt is in the world's grammar
+    assert any(len(s.objects) == 2 for s in scenes) and any(len(s.objects) == 1 for s in scenes)
+    assert any(s.camera_pan for s in scenes)
+    assert any(o.colour is None or o.shape is None or o.pattern is None for s in scenes for o in s.objects)
+
+
+def test_dataset_builder_writes_a_latents_source_and_resumes(tmp_path):
+    codec = LatentCodec(load_vae("tiny"))
+    text = make_toy_text_encoder(vocabulary(), dim=32, layers=1, heads=2, text_len=8, seed=0)
+    stats = build_latent_dataset(tmp_path, codec, text, num_clips=3, num_frames=5, size=16, seed=0, progress=False)
+    assert stats["encoded_now"] == 3
+    saved = torch.load(tmp_path / "latents.pt", weights_only=True)
+    assert saved["latents"].dtype == torch.float16 and saved["latents"].shape == (3, 16, 2, 2, 2)
+    assert saved["text"].shape == (3, 8, 32)
+    prompts = json.loads((tmp_path / "prompts.json").read_text())["prompts"]
+    assert prompts == [sample_clip(0, i, 5, 16)[1] for i in range(3)]
+    latents, embeddings = LatentData(tmp_path).batch(torch.Generator().manual_seed(0), 2)
+    assert latents.shape == (2, 16, 2, 2, 2) and embeddings.shape == (2, 8, 32) and latents.dtype == torch.float32
+    again = build_latent_dataset(tmp_path, codec, text, num_clips=3, num_frames=5, size=16, seed=0, progress=False)
+    assert again["encoded_now"] == 0  # every shard was already there
+
+
+def test_vae_export_normalises_latents_and_loads_back(tmp_path):
+    trainer = Trainer(load_config("vae", overrides=TINY_VAE), tmp_path / "run", progress=False)
+    last = trainer.run()
+    assert all(np.isfinite(v) for v in last.values())
+    report = trainer.recipe.export(tmp_path / "vae")
+    assert np.isfinite(report["psnr_db"])
+    vae = load_vae(tmp_path / "vae")
+    assert vae.config.latents_std != [1.0] * 16 and vae.config.latents_mean != [0.0] * 16
+    # Held-out clips the statistics never saw come out near unit scale per channel.
+    frames, _ = sample_clip(5, 0, num_frames=5, size=16)
+    from tether.train.toy_data import clips_to_video
+
+    latents = LatentCodec(vae).encode(clips_to_video([frames]))
+    assert 0.2 < latents.std().item() < 5.0
+
+
+def _tether(*argv) -> int:
+    """The CLI in-process (a subprocess would spend most of the test importing torch and diffusers)."""
+    from tether.cli import build_parser
+
+    args = build_parser().parse_args(list(argv))
+    return args.run(args)
+
+
+def test_toy_chain_cli_runs_until_text(tmp_path, capsys):
+    out = tmp_path / "toy"
+    overrides = ["vae.shipped=false"] + [f"vae.{item}" for item in TINY_VAE]
+    assert _tether("train", "toy", *overrides, "--out", str(out), "--until", "text", "--quiet", "--device", "cpu") == 0
+    times = json.loads((out / "chain.json").read_text())
+    assert set(times) == {"vae", "text"} and all(t["seconds"] >= 0 for t in times.values())
+    assert load_vae(out / "vae" / "export").config.z_dim == 16
+    encoder = load_text_encoder(str(out / "text_encoder"))
+    assert encoder.encode(["a red circle bounces on grass"]).shape == (1, 32, 128)
+    capsys.readouterr()
+    assert _tether("train", "toy", *overrides, "--out", str(out), "--until", "text", "--quiet") == 0
+    assert capsys.readouterr().out.count("skipped") == 2
+
+
+def test_toy_chain_rejects_unknown_stages(tmp_path):
+    from tether.errors import TetherError
+    from tether.train.toy import ToyChain
+
+    with pytest.raises(TetherError, match="no stage"):
+        ToyChain(tmp_path, overrides=["students.steps=3"])
+    with pytest.raises(TetherError, match="unknown stage"):
+        ToyChain(tmp_path).run(until="nothing")
