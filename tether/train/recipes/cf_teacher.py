@@ -236,9 +236,11 @@ class ContextTeacher(Recipe):
     def export(self, folder):
         from ...model import WanTransformer
 
-        weights = self.trainer.weights("model")
+        weights = self.trainer.weights("model")  # every rank takes part in gathering, only rank 0 receives
         if self.cfg.get("ema"):
             weights.update(self.trainer.weights("model", ema=True))
+        if not self.trainer.is_main:
+            return
         if self.lora:
             rank = int(self.lora.get("rank", 128))
             weights = merge_lora(weights, float(self.lora.get("alpha", rank)) / rank)
