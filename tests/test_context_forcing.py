@@ -46,15 +46,21 @@ def test_ring_buffer_keeps_the_last_capacity_frames_of_each_bin():
     assert bank.filled("x0")[1:].sum() == 0 and bank.filled("noise").sum() == 0
 
 
-def test_draws_come_from_the_requested_bin_or_the_nearest_filled_one():
+def test_draws_come_from_the_requested_bin_and_empty_bins_give_no_error():
     bank = ErrorBank(bins=50, capacity=8)
     bank.add("x0", torch.tensor([205.0]), torch.full((1, 1, 8, 2, 2), 10.0))  # bin 10
     bank.add("x0", torch.tensor([405.0]), torch.full((1, 1, 8, 2, 2), 20.0))  # bin 20
     g = torch.Generator().manual_seed(0)
-    out = bank.sample("x0", torch.tensor([10, 20, 3, 14, 15, 16, 49]), 5, g)
-    assert out.shape == (7, 1, 5, 2, 2)
-    assert [float(x) for x in out[:, 0, 0, 0, 0]] == [10, 20, 10, 10, 10, 20, 20]  # 15 ties: the lower bin
+    out = bank.sample("x0", torch.tensor([10, 20, 3, 15, 49]), 5, g)
+    assert out.shape == (5, 1, 5, 2, 2)
+    assert out[:, 0, :, 0, 0].tolist() == [[10.0] * 5, [20.0] * 5, [0.0] * 5, [0.0] * 5, [0.0] * 5]
+    assert bank.filled_bins("x0").tolist() == [10, 20]
     assert torch.equal(bank.sample("noise", torch.tensor([3]), 2, g, shape=(1, 2, 2)), torch.zeros(1, 1, 2, 2, 2))
+    # motion errors are not tied to a timestep: they come from whichever bins are filled
+    everything = Injection(*(torch.ones(400, dtype=torch.bool) for _ in range(4)))
+    errors = draw_errors(bank, everything, torch.full((400,), 990.0), 2, 1, (1, 2, 2), g)
+    assert set(errors["motion"][:, 0, 0, 0, 0].tolist()) == {10.0, 20.0}
+    assert errors["target"].abs().sum() == 0 and errors["noise"].abs().sum() == 0  # bin 49 is empty
 
 
 def test_sampling_is_deterministic_given_a_generator_and_uses_the_whole_ring():

@@ -20,9 +20,11 @@ Where tether had to choose:
   whole clips: 50 x 500 x 2 kinds x 16x60x104 values, 20 GB in float32 and
   10 GB in bfloat16 (`dtype`), held on the host.
   A draw for F frames takes F entries of one bin independently.
-- An empty bin borrows from the nearest filled bin (the lower one on a tie):
-  early in training most bins are empty, and waiting for all 50 to fill
-  would postpone recycling for no reason. With an empty bank nothing is added.
+- An empty bin gives no error (zeros), rather than borrowing a neighbour's:
+  the target's velocity divides its error by sigma (see `cf_teacher`), which
+  is only safe for errors of the sigma they were made at. Bins fill at the
+  rate they are drawn, so a bin is empty only until its first draw.
+  Motion errors, which are not tied to a timestep, come from any filled bin.
 - The bank is part of the training state (`state_dict`): a resumed run must
   draw the same errors as an uninterrupted one. Recipes feed it the residuals
   of the global batch (gathered from every rank), so every rank holds the
@@ -80,20 +82,13 @@ class ErrorBank:
         """How many entries each bin holds now: [bins]."""
         return self.written[kind].clamp(max=self.capacity)
 
-    def source_bin(self, kind: str, wanted: int):
-        """The bin a draw for `wanted` takes from: itself if filled, else the nearest filled one; None if all empty."""
-        filled = self.filled(kind)
-        if filled[wanted] > 0:
-            return wanted
-        candidates = torch.nonzero(filled > 0).flatten()
-        if len(candidates) == 0:
-            return None
-        distance = (candidates - wanted).abs()
-        return int(candidates[torch.argmin(distance)])  # argmin takes the first, i.e. lower, on a tie
+    def filled_bins(self, kind: str) -> torch.Tensor:
+        """The bins holding at least one entry, ascending."""
+        return torch.nonzero(self.filled(kind) > 0).flatten()
 
     def sample(self, kind: str, bins: torch.Tensor, frames: int, generator: torch.Generator,
                shape=None) -> torch.Tensor:
-        """Errors [B, C, frames, h, w] for samples in `bins` [B]; zeros where the bank has nothing.
+        """Errors [B, C, frames, h, w] for samples in `bins` [B]; zeros for an empty bin.
 
         Every sample takes the same number of random draws whatever the bank
         holds, so the generator's later draws do not depend on how full it is.
@@ -109,12 +104,11 @@ class ErrorBank:
         store = self.storage[kind]
         out = torch.zeros((len(bins), frames, *store.shape[2:]))
         filled = self.filled(kind)
-        for sample, wanted in enumerate(bins.tolist()):
-            source = self.source_bin(kind, wanted)
-            if source is None:
+        for sample, b in enumerate(bins.tolist()):
+            if filled[b] == 0:
                 continue
-            slots = (picks[sample] * int(filled[source])).long().clamp(max=int(filled[source]) - 1)
-            out[sample] = store[source, slots].float()
+            slots = (picks[sample] * int(filled[b])).long().clamp(max=int(filled[b]) - 1)
+            out[sample] = store[b, slots].float()
         return out.permute(0, 2, 1, 3, 4)
 
     # ---- saving --------------------------------------------------------------
@@ -180,12 +174,14 @@ def draw_errors(bank: ErrorBank, injection: Injection, timesteps: torch.Tensor, 
 
     Target and noise errors come from the bin of the sample's timestep. The
     motion latents are finished (clean) frames whose drift is whatever the
-    sampler left at any of its steps, so their x0 errors come from a bin drawn
-    uniformly per sample.
+    sampler left at any of its steps, so their x0 errors come from a filled
+    bin drawn uniformly per sample.
     """
     size = len(timesteps)
     target_bins = timestep_bins(timesteps, bank.bins)
-    motion_bins = torch.randint(bank.bins, (size,), generator=generator)
+    filled = bank.filled_bins("x0")
+    pick = torch.rand(size, generator=generator, dtype=torch.float64)
+    motion_bins = filled[(pick * len(filled)).long()] if len(filled) else torch.zeros(size, dtype=torch.long)
     errors = {
         "motion": bank.sample("x0", motion_bins, motion_frames, generator, frame_shape),
         "target": bank.sample("x0", target_bins, target_frames, generator, frame_shape),

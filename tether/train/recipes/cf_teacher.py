@@ -34,9 +34,10 @@ velocity whose one-step x0 estimate lands on the clean target (with no error
 it is the usual noise - x0). Errors come from the bin of the sample's own
 timestep, where their size scales with sigma, so the 1/sigma stays bounded.
 
-LoRA (`lora: {rank, alpha, target_modules}`; the public code uses rank 128
-on the attention projections) is injected with peft; `lora: null` fine-tunes
-everything (the toy scale). The base model is `model.source`.
+LoRA (`lora: {rank, alpha, target_modules}`; the public code uses rank 128)
+is injected with peft into the attention projections q, k, v, o by default;
+`lora: null` fine-tunes everything (the toy scale). The base model is
+`model.source`; the export merges the adapters into plain weights.
 """
 
 from dataclasses import dataclass, field
