@@ -22,7 +22,8 @@ Stage 2's context (`context`):
 - `memory` (the paper): the teacher sees what the student's memory held when
   the target began: its sink and slow frames, then the 6 frames just before
   the target (the cf-teacher's "motion" latents, which include the student's
-  fast frames; a slow frame among them is not repeated). Positions are the
+  fast frames; a slow frame among them is not repeated; a slow frame that
+  `promotion: code` shows to some layers only is shown whole). Positions are the
   cf-teacher's bounded layout (`cf_teacher.context_positions`), which is what
   the teacher was fine-tuned on.
 - `slice` (the public code): the 21 contiguous latents before the target
