@@ -173,7 +173,8 @@ def test_gf_stage2_rollout_switches_prompts_through_apr(tmp_path, monkeypatch):
     plan = trainer.recipe.plan(0, 0, "generator")
     assert plan.switches and 21 <= plan.num_frames <= 27
     result = trainer.recipe.roll(plan, grad=True)
-    assert len(applied) == len(plan.switches)
+    # the dual memory is per video, so each of the 2 samples rolls out (and switches) on its own
+    assert trainer.recipe.per_sample_memory and len(applied) == 2 * len(plan.switches)
     assert all(policy is DualMemory and local > 0 for policy, local, _ in applied)
     assert len(result.segments) == 1 + len(plan.switches)
     window, segments = result.window()
@@ -203,3 +204,35 @@ def test_teacher_ode_records_the_student_steps_and_integrates_to_zero_noise():
     assert torch.equal(states[0], noise)
     assert torch.allclose(states[1], noise - 0.375 * 0.5)
     assert torch.allclose(x0, noise - 0.5)
+
+
+# ---- ranks --------------------------------------------------------------------------------
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_for_a_switching_dual_memory_rollout(tmp_path):
+    """Exit step, lengths, switches, per-sample noise and per-sample memory: 2 ranks x 1 == 1 rank x 2."""
+    import os
+    import subprocess
+    import sys
+
+    overrides = [*TINY[:-2], "ema=0.9", "data.frames=21", "steps=2", "rollout.frames=[21,30]"]
+    tiny_trainer("gf-stage2", tmp_path / "one", *overrides[len(TINY) - 2:]).run()  # batch_size=2, in this process
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(_free_port()), "-m", "tether", "train", "gf-stage2", *overrides, "batch_size=1", "--quiet",
+                          "--device", "cpu", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", "two")]
+    assert len(logs[0]) == len(logs[1]) == 2
+    for a, b in zip(*logs):
+        for key in ("loss", "generator_loss", "dmd_grad"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-5 * max(1.0, abs(a[key])), (key, a, b)
+    assert "generator_loss" in logs[1][0]

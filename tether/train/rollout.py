@@ -60,6 +60,14 @@ class RolloutResult:
     grad_start: int
     segments: list = field(default_factory=list)
 
+    @staticmethod
+    def stack(results: list) -> "RolloutResult":
+        """One result from per-sample rollouts of the same plan (same length, switches and exit step)."""
+        segments = [(first, torch.cat([r.segments[i][1] for r in results]))
+                    for i, (first, _) in enumerate(results[0].segments)]
+        return RolloutResult(torch.cat([r.latents for r in results]), results[0].exit_step, results[0].grad_start,
+                             segments)
+
     def window(self, frames: int = GRAD_FRAMES):
         """The last `frames` latent frames and the prompts in force over them, frame numbers relative to it."""
         start = max(0, self.latents.shape[2] - frames)
@@ -115,7 +123,7 @@ class SelfForcingRollout:
 
         text [B, L, text_dim]: the first prompt (raw embeddings, so that a sharded
             model turns them into K/V inside its gathered blocks);
-        noise(shape) -> tensor: every Gaussian draw (the caller makes it rank-consistent);
+        noise(shape) -> tensor on the model's device: every Gaussian draw (the caller makes it rank-consistent);
         latent_shape (C, h, w); policy: a fresh `MemoryPolicy`;
         switches: `Switch`es, at most one per chunk.
         """

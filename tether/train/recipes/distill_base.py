@@ -24,6 +24,7 @@ class GlobalDraws:
 
     def __init__(self, trainer, step: int, *purpose):
         self.trainer = trainer
+        self.step, self.purpose = step, purpose
         self.generator = trainer.shared_generator(step, *purpose)
 
     def noise(self, shape, dtype=torch.float32):
@@ -34,6 +35,32 @@ class GlobalDraws:
 
     def share(self, tensor):
         return self.trainer.my_share(tensor)
+
+    def sample_noise(self, batch: int) -> "SampleNoise":
+        """Gaussian streams for this rank's `batch` samples, one per global sample index."""
+        trainer = self.trainer
+        first = trainer.rank * batch
+        return SampleNoise([trainer.shared_generator(self.step, *self.purpose, "sample", first + i)
+                            for i in range(batch)], trainer.device)
+
+
+class SampleNoise:
+    """Gaussian draws with one stream per sample: what a sample draws does not depend on its batch.
+
+    A rollout's noise has to be the same whether a sample is generated on
+    one rank in a batch of 8, on one of 8 ranks alone, or on its own (when
+    each sample keeps its own memory: `SelfForcing.per_sample_memory`).
+    """
+
+    def __init__(self, generators: list, device="cpu"):
+        self.generators = generators
+        self.device = device
+
+    def __call__(self, shape):
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in self.generators]).to(self.device)
+
+    def split(self) -> list:
+        return [SampleNoise([g], self.device) for g in self.generators]
 
 
 class DistillationRecipe(Recipe):

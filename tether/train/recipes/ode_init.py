@@ -47,13 +47,17 @@ def teacher_trajectory(teacher, noise, text, grid: list, keep: list, guidance: f
     states = {}
     keep_keys = {round(float(t), 6) for t in keep}
     uncond = torch.zeros_like(text)
+    both_texts = torch.cat([text, uncond])
     for t, t_next in zip(grid[:-1], grid[1:]):
         if t in keep_keys:
             states[t] = x.clone()
-        flow = teacher.forward_bidirectional(x, torch.full((x.shape[0],), t, device=x.device), text).float()
-        if guidance != 1:
-            flow_uncond = teacher.forward_bidirectional(x, torch.full((x.shape[0],), t, device=x.device), uncond).float()
-            flow = flow_uncond + guidance * (flow - flow_uncond)
+        if guidance == 1:
+            flow = teacher.forward_bidirectional(x, torch.full((x.shape[0],), t, device=x.device), text).float()
+        else:  # cond and uncond in one forward
+            both = teacher.forward_bidirectional(torch.cat([x, x]), torch.full((2 * x.shape[0],), t, device=x.device),
+                                                 both_texts).float()
+            cond, free = both.chunk(2)
+            flow = free + guidance * (cond - free)
         x = x + (t_next - t) / 1000.0 * flow  # dx/dsigma = v
     return torch.stack([states[round(float(t), 6)] for t in keep]), x
 

@@ -17,6 +17,12 @@ run), the real score from `teacher.source`, the critic from `critic.source`;
 see `tether/train/dmd.py` for the fallbacks that let `model.source=tiny`
 alone give a consistent run.
 
+Rank invariance: every draw is made for the global batch from the shared
+generator (rollout noise has one stream per global sample), so N ranks with
+batch b compute what one rank with batch N*b does. Policies whose memory
+depends on content (`dual`, `slow-fast`) roll out sample by sample, so each
+video keeps its own memory as at inference (`rollout.per_sample_memory`).
+
 Subclasses (Grounded Forcing) change the memory policy, the switch rule,
 and what a rollout looks like (`plan`).
 """
@@ -29,8 +35,15 @@ from ...memory import make_policy
 from ..data import make_data
 from ..dmd import critic_loss, dmd_loss, dmd_timesteps, load_score, score_sources, trains_generator
 from ..recipe import register_recipe
-from ..rollout import GRAD_FRAMES, SelfForcingRollout, draw_exit_step
+from ..rollout import GRAD_FRAMES, RolloutResult, SelfForcingRollout, Switch, draw_exit_step
 from .distill_base import DistillationRecipe, GlobalDraws, add_optimizer_from_config
+
+
+#: Policies whose memory depends on what was generated (anchor choice, promotion). With a batch
+#: they would decide once for all samples (cosines averaged over the batch), unlike inference,
+#: where every video keeps its own memory, and unlike a run with another split of the batch
+#: over ranks. Their rollouts run sample by sample.
+CONTENT_DEPENDENT_POLICIES = ("dual", "slow-fast")
 
 
 @dataclass
@@ -66,6 +79,7 @@ class SelfForcing(DistillationRecipe):
         self.policy_name = roll.get("policy", self.default_policy)
         self.policy_options = dict(roll.get("policy_options") or {})
         self.grad_frames = int(roll.get("grad_frames", GRAD_FRAMES))
+        self.per_sample_memory = bool(roll.get("per_sample_memory", self.policy_name in CONTENT_DEPENDENT_POLICIES))
         self.rollout = SelfForcingRollout(self.denoising_steps, self.shift, self.chunk_frames, self.grad_frames,
                                           float(roll.get("context_noise", 0.0)), roll.get("switch", self.default_switch))
 
@@ -83,9 +97,17 @@ class SelfForcing(DistillationRecipe):
         return make_policy(self.policy_name, chunk_frames=self.chunk_frames, **self.policy_options)
 
     def roll(self, plan: RolloutPlan, grad: bool):
+        noise = plan.draws.sample_noise(plan.text.shape[0])
         with torch.set_grad_enabled(grad):
-            return self.rollout.run(self.generator, self.new_policy(), plan.text, plan.draws.noise, plan.num_frames,
-                                    self.latent_shape, plan.exit_step, plan.switches, grad=grad)
+            if not self.per_sample_memory:
+                return self.rollout.run(self.generator, self.new_policy(), plan.text, noise, plan.num_frames,
+                                        self.latent_shape, plan.exit_step, plan.switches, grad=grad)
+            results = []
+            for i, sample_noise in enumerate(noise.split()):
+                switches = [Switch(s.chunk, s.text[i:i + 1], s.cut) for s in plan.switches]
+                results.append(self.rollout.run(self.generator, self.new_policy(), plan.text[i:i + 1], sample_noise,
+                                                plan.num_frames, self.latent_shape, plan.exit_step, switches, grad=grad))
+            return RolloutResult.stack(results)
 
     def score_draws(self, draws: GlobalDraws, window):
         """DMD timesteps [B] and noise for a window, from the rollout's own shared stream."""
