@@ -149,6 +149,20 @@ def test_critic_every_step_generator_every_fifth(tmp_path):
     assert [line["step"] for line in lines if "generator_loss" in line] == [0, 5]
 
 
+def test_a_resumed_self_forcing_run_matches_an_uninterrupted_one(tmp_path):
+    whole = tiny_trainer("self-forcing", tmp_path / "whole", "steps=4", "save_every=2", "generator_every=3")
+    whole.run()
+    tiny_trainer("self-forcing", tmp_path / "split", "steps=2", "save_every=2", "generator_every=3").run()
+    second = Trainer(load_config("self-forcing", overrides=TINY + ["steps=4", "save_every=2", "generator_every=3"]),
+                     tmp_path / "split", resume=True, progress=False)
+    second.run()
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("whole", "split")]
+    assert [(a["loss"], a.get("generator_loss")) for a in logs[0]] == [(b["loss"], b.get("generator_loss")) for b in logs[1]]
+    for name in ("generator", "critic"):
+        a, b = whole.weights(name), second.weights(name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_export_writes_the_ema_generator(tmp_path):
     trainer = tiny_trainer("self-forcing", tmp_path / "run", "steps=1")
     trainer.run()

@@ -9,7 +9,27 @@ run draws what an uninterrupted one would have.
 import torch
 
 from ...checkpoints import load_transformer, save_transformer
+from ..data import SyntheticData
 from ..recipe import Recipe
+
+
+def draw_prompts(data, generator, size: int) -> torch.Tensor:
+    """Text embeddings [size, L, text_dim] only: distillation needs prompts, not clips.
+
+    Synthetic latents for a global batch at Wan scale would be gigabytes per
+    draw on every rank, so for synthetic data only the text is drawn.
+    """
+    if isinstance(data, SyntheticData):
+        return torch.randn((size, *data.text_shape), generator=generator)
+    return data.text[torch.randint(len(data.text), (size,), generator=generator)].float()
+
+
+def clip_shape(data) -> tuple:
+    """(channels, frames, height, width) of the clips a data source describes."""
+    if isinstance(data, SyntheticData):
+        return tuple(data.shape)
+    channels, _, height, width = data.latents.shape[1:]
+    return channels, data.frames, height, width
 
 
 def add_optimizer_from_config(trainer, name: str, module, opt: dict, default_lr: float):

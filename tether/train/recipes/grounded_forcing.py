@@ -25,6 +25,7 @@ import torch
 
 from ..recipe import register_recipe
 from ..rollout import Switch
+from .distill_base import draw_prompts
 from .self_forcing import SelfForcing
 
 
@@ -58,7 +59,7 @@ class GroundedForcingStage2(GroundedForcingStage1):
         count = int(torch.randint(1, self.max_switches + 1, (1,), generator=g))
         at = sorted((1 + torch.randperm(chunks - 1, generator=g)[:count]).tolist())
         for chunk in at:
-            _, text = self.data.batch(g, self.global_batch)
+            text = draw_prompts(self.data, g, self.global_batch)
             cut = bool(torch.rand(1, generator=g) < self.cut_probability)
             plan.switches.append(Switch(chunk, plan.draws.share(text), cut))
         return plan

@@ -27,7 +27,7 @@ from ...schedule import timestep_grid, warp_steps
 from ..data import make_data
 from ..dmd import load_score, score_sources
 from ..recipe import register_recipe
-from .distill_base import DistillationRecipe, GlobalDraws
+from .distill_base import DistillationRecipe, GlobalDraws, clip_shape, draw_prompts
 
 
 def ode_timesteps(num_steps: int, shift: float, required) -> list:
@@ -95,8 +95,8 @@ class OdeInit(DistillationRecipe):
                 found = torch.load(path, map_location="cpu", weights_only=True)
                 return self._remember(key, tuple(t.to(trainer.device) for t in found))
         draws = GlobalDraws(trainer, key[0], "ode-trajectory", key[1])
-        latents, text = self.data.batch(draws.generator, self.global_batch)
-        noise = draws.noise((self.batch_size, *latents.shape[1:]))
+        text = draw_prompts(self.data, draws.generator, self.global_batch)
+        noise = draws.noise((self.batch_size, *clip_shape(self.data)))
         text = draws.share(text)
         with trainer.autocast():
             states, x0 = teacher_trajectory(self.teacher, noise.to(trainer.device), text, self.grid,

@@ -36,7 +36,7 @@ from ..data import make_data
 from ..dmd import critic_loss, dmd_loss, dmd_timesteps, load_score, score_sources, trains_generator
 from ..recipe import register_recipe
 from ..rollout import GRAD_FRAMES, RolloutResult, SelfForcingRollout, Switch, draw_exit_step
-from .distill_base import DistillationRecipe, GlobalDraws, add_optimizer_from_config
+from .distill_base import DistillationRecipe, GlobalDraws, add_optimizer_from_config, clip_shape, draw_prompts
 
 
 #: Policies whose memory depends on what was generated (anchor choice, promotion). With a batch
@@ -73,6 +73,9 @@ class SelfForcing(DistillationRecipe):
         self.critic = trainer.add_model("critic", load_score(critic_source, self.model_cfg, "critic").train())
         add_optimizer_from_config(trainer, "critic", self.critic, cfg.get("critic_optimizer", {}), 4e-7)
         self.data = make_data(cfg.get("data", {}), self.model_cfg)
+        channels, frames, height, width = clip_shape(self.data)
+        self.latent_shape = (channels, height, width)
+        self.clip_frames = frames - frames % self.chunk_frames
         self.generator_every = int(cfg.get("generator_every", 5))
         self.guidance = float(cfg.get("guidance", 3.0))
         roll = cfg.get("rollout", {})
@@ -87,11 +90,9 @@ class SelfForcing(DistillationRecipe):
     def plan(self, step: int, micro: int, purpose: str) -> RolloutPlan:
         """Self-Forcing: one prompt, a clip of `data.frames` latent frames (whole chunks)."""
         draws = GlobalDraws(self.trainer, step, purpose, micro)
-        latents, text = self.data.batch(draws.generator, self.global_batch)
-        self.latent_shape = (latents.shape[1], *latents.shape[3:])
-        frames = latents.shape[2] - latents.shape[2] % self.chunk_frames
+        text = draw_prompts(self.data, draws.generator, self.global_batch)
         exit_step = draw_exit_step(draws.generator, self.rollout.num_steps)
-        return RolloutPlan(draws.share(text), frames, exit_step, draws)
+        return RolloutPlan(draws.share(text), self.clip_frames, exit_step, draws)
 
     def new_policy(self):
         return make_policy(self.policy_name, chunk_frames=self.chunk_frames, **self.policy_options)
