@@ -13,7 +13,7 @@ from tether.train import Trainer
 from tether.train.config import load_config
 from tether.train.dmd import (dmd_generator_loss, dmd_gradient, dmd_timesteps, guided_x0, per_segment, score_sources,
                               trains_generator)
-from tether.train.recipes.ode_init import ode_timesteps, teacher_trajectory
+from tether.train.recipes.ode_init import OdeInit, ode_timesteps, teacher_trajectory
 from tether.train.rollout import SelfForcingRollout, Switch, draw_exit_step, segments_from
 
 TINY = ["model.source=tiny", "data.frames=6", "data.height=4", "data.width=4", "batch_size=2", "ema=0.9"]
@@ -250,3 +250,11 @@ def test_two_processes_match_one_for_a_switching_dual_memory_rollout(tmp_path):
             if key in a:
                 assert abs(a[key] - b[key]) < 1e-5 * max(1.0, abs(a[key])), (key, a, b)
     assert "generator_loss" in logs[1][0]
+
+
+def test_each_chunk_of_the_student_input_comes_from_its_own_trajectory_state():
+    states = torch.arange(4.0).view(4, 1, 1, 1, 1, 1).expand(4, 2, 3, 6, 2, 2)  # state s is filled with s
+    per_frame = torch.tensor([[0, 0, 0, 3, 3, 3], [2, 2, 2, 1, 1, 1]])
+    picked = OdeInit._pick(states, per_frame)
+    assert picked.shape == (2, 3, 6, 2, 2)
+    assert torch.equal(picked[:, 0, :, 0, 0], per_frame.float())

@@ -125,7 +125,7 @@ class SelfForcingRollout:
             model turns them into K/V inside its gathered blocks);
         noise(shape) -> tensor on the model's device: every Gaussian draw (the caller makes it rank-consistent);
         latent_shape (C, h, w); policy: a fresh `MemoryPolicy`;
-        switches: `Switch`es, at most one per chunk.
+        switches: `Switch`es or (chunk, text[, cut]) tuples, at most one per chunk.
         """
         if num_frames % self.chunk_frames:
             raise ValueError(f"a rollout of {num_frames} frames is not a whole number of {self.chunk_frames}-frame chunks")
@@ -137,6 +137,7 @@ class SelfForcingRollout:
         _, ph, pw = model.config.patch_size
         grid = (height // ph, width // pw)
         grad_start = max(0, num_frames - self.grad_frames) if grad else num_frames
+        switches = [s if isinstance(s, Switch) else Switch(*s) for s in switches]  # (chunk, text[, cut]) too
         pending = {s.chunk: s for s in switches}
         segments = [(0, text)]
         chunks = []

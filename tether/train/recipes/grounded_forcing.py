@@ -15,7 +15,11 @@ memory in the rollout:
   `cut_probability` (the LTM is flushed, the anchors stay). The last 21
   latent frames are supervised, as in LongLive's streaming long tuning; when
   a switch falls inside them, every frame is scored under the prompt it was
-  generated under (`dmd.per_segment`).
+  generated under (`dmd.per_segment`). Across a scene cut inside the window
+  the bidirectional scores still see both shots, each frame under its own
+  prompt: the scores keep the 21-frame clip they are trained on (the
+  alternative, scoring each shot alone, gives them fragments). Our choice;
+  the paper says nothing.
 
 All draws (length, switch chunks, their prompts, cuts) come from the shared
 generator, so every rank rolls out the same schedule.
