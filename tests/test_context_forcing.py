@@ -258,24 +258,29 @@ def test_memory_recorder_sees_the_memory_before_the_target_and_changes_nothing()
     assert policy.next_index == 36 and [f.index for f in policy.fast] == [33, 34, 35]
 
 
-def test_contextual_score_prepends_clean_context_at_the_given_positions():
+def test_contextual_score_prepends_each_samples_clean_context_at_its_positions():
     from tether.checkpoints import load_transformer
 
     model = load_transformer("tiny").eval()
     g = torch.Generator().manual_seed(0)
-    context, noisy = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 4, 2, 4, 4, generator=g)
-    text = torch.randn(2, 16, 32, generator=g)
-    positions = [0, 1, 19, 21, 22]
-    score = ContextualScore(model, context, positions)
+    contexts = [torch.randn(1, 4, 3, 4, 4, generator=g), torch.randn(1, 4, 3, 4, 4, generator=g),
+                torch.randn(1, 4, 2, 4, 4, generator=g)]
+    positions = [[0, 1, 19, 21, 22], [0, 1, 19, 21, 22], [0, 20, 21, 22]]
+    noisy, text = torch.randn(3, 4, 2, 4, 4, generator=g), torch.randn(3, 16, 32, generator=g)
+    timesteps = torch.tensor([300.0, 700.0, 500.0])
+    score = ContextualScore(model, contexts, positions)
     with torch.no_grad():
-        out = score.forward_bidirectional(noisy, torch.tensor([300.0, 700.0]), text)
-        frame_t = torch.tensor([[0, 0, 0, 300, 300], [0, 0, 0, 700, 700.0]])
-        full = model.forward_bidirectional(torch.cat([context, noisy], 2), frame_t, text, frame_positions=torch.tensor(positions))
-    assert out.shape == noisy.shape and torch.equal(out, full[:, :, 3:])
-    with torch.no_grad():  # guidance stacks [cond | uncond]: the context repeats with the batch
-        stacked = score.forward_bidirectional(torch.cat([noisy, noisy]), torch.tensor([300.0, 700.0, 300.0, 700.0]),
+        out = score.forward_bidirectional(noisy, timesteps, text)
+        for i in range(3):
+            n = contexts[i].shape[2]
+            frame_t = torch.cat([torch.zeros(1, n), timesteps[i].expand(1, 2)], dim=1)
+            alone = model.forward_bidirectional(torch.cat([contexts[i], noisy[i:i + 1]], 2), frame_t, text[i:i + 1],
+                                                frame_positions=torch.tensor(positions[i]))
+            assert torch.allclose(out[i:i + 1], alone[:, :, n:], atol=1e-5)
+        # guidance stacks [cond | uncond]: copy k of sample i sees sample i's context
+        stacked = score.forward_bidirectional(torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]),
                                               torch.cat([text, text]))
-    assert torch.allclose(stacked, torch.cat([out, out]), atol=1e-5)
+    assert out.shape == noisy.shape and torch.allclose(stacked, torch.cat([out, out]), atol=1e-5)
 
 
 def test_stage_lengths_and_the_curriculum(tmp_path):

@@ -66,24 +66,36 @@ class ContextualScore:
 
     It offers `forward_bidirectional(noisy, timesteps [B], text)` like a plain
     score and returns the flow on the noisy frames only, so `dmd.py`'s losses
-    use it unchanged. A batch that stacks copies of the context's batch (as
-    guidance stacks cond and uncond) sees the context repeated.
+    use it unchanged. Each sample has its own context ([1, C, n_i, h, w]) and
+    positions: with per-sample memories the student remembers different
+    frames in each video. Samples that share a layout run as one batch. A
+    batch that stacks copies of the samples (as guidance stacks cond and
+    uncond) gives copy k of sample i sample i's context.
     """
 
-    def __init__(self, model, context: torch.Tensor, positions: list):
+    def __init__(self, model, contexts: list, positions: list):
         self.model = model
-        self.context = context.detach()
-        self.positions = torch.tensor(positions)
+        self.contexts = [c.detach() for c in contexts]
+        self.positions = [list(p) for p in positions]
 
     def forward_bidirectional(self, noisy, timesteps, text, frame_positions=None):
-        batch, num_context, frames = noisy.shape[0], self.context.shape[2], noisy.shape[2]
-        t = torch.as_tensor(timesteps, device=noisy.device).float().view(batch, 1)
-        frame_t = torch.cat([torch.zeros(batch, num_context, device=noisy.device), t.expand(batch, frames)], dim=1)
-        context = self.context.to(noisy)
-        if context.shape[0] != batch:  # callers may stack copies of the batch (guidance: [cond | uncond])
-            context = context.repeat(batch // context.shape[0], 1, 1, 1, 1)
-        latents = torch.cat([context, noisy], dim=2)
-        flow = self.model.forward_bidirectional(latents, frame_t, text, frame_positions=self.positions)
+        timesteps = torch.as_tensor(timesteps, device=noisy.device).float().view(-1)
+        samples = len(self.contexts)
+        groups = {}  # one forward per distinct layout
+        for row in range(noisy.shape[0]):
+            groups.setdefault(tuple(self.positions[row % samples]), []).append(row)
+        flow = torch.empty_like(noisy)
+        for positions, rows in groups.items():
+            context = torch.cat([self.contexts[row % samples] for row in rows]).to(noisy)
+            flow[rows] = self._run(context, list(positions), noisy[rows], timesteps[rows], text[rows]).to(flow.dtype)
+        return flow
+
+    def _run(self, context, positions, noisy, timesteps, text):
+        batch, num_context, frames = noisy.shape[0], context.shape[2], noisy.shape[2]
+        frame_t = torch.cat([torch.zeros(batch, num_context, device=noisy.device),
+                             timesteps[:, None].expand(batch, frames)], dim=1)
+        flow = self.model.forward_bidirectional(torch.cat([context, noisy], dim=2), frame_t, text,
+                                                frame_positions=torch.tensor(positions))
         return flow[:, :, num_context:]
 
 
@@ -165,13 +177,18 @@ class ContextForcingStage2(ContextForcingStage1):
         """21 frames, or fewer when a rollout is too short to leave at least a chunk of context."""
         return max(self.chunk_frames, min(self.grad_frames, num_frames - self.chunk_frames))
 
+    def new_policy(self):
+        """The student's memory, watched so that the teacher can be shown what it held (one per rollout)."""
+        recorder = MemoryRecorder(super().new_policy(), self._target_start)
+        self._recorders.append(recorder)
+        return recorder
+
     def roll(self, plan, grad: bool):
-        target_start = plan.num_frames - self.target_frames(plan.num_frames)
-        recorder = MemoryRecorder(self.new_policy(), target_start)
-        with torch.set_grad_enabled(grad):
-            result = self.rollout.run(self.generator, recorder, plan.text, plan.draws.noise, plan.num_frames,
-                                      self.latent_shape, plan.exit_step, plan.switches, grad=grad)
-        result.memory = recorder.held or {}
+        self._target_start = plan.num_frames - self.target_frames(plan.num_frames)
+        self._recorders = []
+        result = super().roll(plan, grad)
+        # one memory for the whole batch, or one per sample (`rollout.per_sample_memory`)
+        result.memory = [recorder.held or {} for recorder in self._recorders]
         return result
 
     def contextual(self, result):
@@ -179,15 +196,18 @@ class ContextForcingStage2(ContextForcingStage1):
         frames = result.latents.shape[2]
         target_start = frames - self.target_frames(frames)
         window, segments = result.window(frames - target_start)
-        if self.context == "memory":
-            indices, num_sink = memory_context(result.memory, target_start)
-        else:
-            indices, num_sink = slice_context(target_start)
-        positions = context_positions(num_sink, len(indices) - num_sink, target_start, window.shape[2],
-                                      top=SINK + SPARSE + MOTION)
-        context = result.latents[:, :, indices].detach()
-        return (window, segments, ContextualScore(self.real_score, context, positions),
-                ContextualScore(self.critic, context, positions))
+        contexts, positions = [], []
+        for sample in range(window.shape[0]):
+            if self.context == "memory":
+                held = result.memory[sample] if len(result.memory) > 1 else result.memory[0]
+                indices, num_sink = memory_context(held, target_start)
+            else:
+                indices, num_sink = slice_context(target_start)
+            contexts.append(result.latents[sample:sample + 1, :, indices].detach())
+            positions.append(context_positions(num_sink, len(indices) - num_sink, target_start, window.shape[2],
+                                               top=SINK + SPARSE + MOTION))
+        return (window, segments, ContextualScore(self.real_score, contexts, positions),
+                ContextualScore(self.critic, contexts, positions))
 
     def generator_step(self, step: int) -> dict:
         trainer = self.trainer
