@@ -106,6 +106,11 @@ class DistillationRecipe(Recipe):
         """The generator (its EMA when one is kept) as `folder/transformer.safetensors`."""
         from ...model import WanTransformer
 
+        weights = self.trainer.weights("generator")  # every rank takes part in gathering, only rank 0 receives
+        if self.cfg.get("ema") is not None:
+            weights.update(self.trainer.weights("generator", ema=True))
+        if not self.trainer.is_main:
+            return
         model = WanTransformer(self.model_cfg)
-        model.load_state_dict(self.trainer.weights("generator", ema=self.cfg.get("ema") is not None))
+        model.load_state_dict(weights)
         save_transformer(model, f"{folder}/transformer.safetensors")
