@@ -79,6 +79,23 @@ def latent_statistics(vae, n_clips: int, num_frames: int, size: int, seed: int =
     return raw.mean(1).tolist(), raw.std(1).clamp_min(1e-6).tolist()
 
 
+def decode_without_clamp(vae, latents: torch.Tensor) -> torch.Tensor:
+    """diffusers' AutoencoderKLWan._decode without its final clamp to [-1, 1].
+
+    The clamp has no gradient outside [-1, 1]: a decoder that overshoots on
+    one bad step (measured: step 94 of a from-scratch run at lr 1e-3) keeps
+    saturated pixels it can never pull back, and training stalls for good.
+    """
+    vae.clear_cache()
+    x = vae.post_quant_conv(latents)
+    frames = []
+    for i in range(latents.shape[2]):  # frame by frame, carrying the causal cache, as diffusers decodes
+        vae._conv_idx = [0]
+        frames.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0))
+    vae.clear_cache()
+    return torch.cat(frames, 2)
+
+
 @register_recipe
 class VAE(Recipe):
     name = "vae"
@@ -131,7 +148,7 @@ class VAE(Recipe):
     def losses(self, video: torch.Tensor, noise: torch.Tensor) -> dict:
         posterior = self.vae.encode(video).latent_dist
         latents = posterior.mean + posterior.std * noise if self.sample_posterior else posterior.mean
-        recon = self.vae.decode(latents).sample
+        recon = decode_without_clamp(self.vae, latents)
         terms = {
             "l1": (recon - video).abs().mean(),
             "mse": (recon - video).pow(2).mean(),
