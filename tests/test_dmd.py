@@ -277,3 +277,21 @@ def test_ode_init_fits_a_fixed_pool_of_teacher_trajectories(tmp_path):
     trainer.run()
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "log.jsonl")]
     assert losses[-1] < losses[0] / 5
+
+
+def test_the_rollout_refuses_a_policy_with_its_own_sampler():
+    from tether.errors import TetherError
+
+    with pytest.raises(TetherError, match="rolling"):
+        SelfForcingRollout().run(load_transformer("tiny"), make_policy("rolling"), torch.randn(1, 16, 32),
+                                 torch.randn, 6, (4, 4, 4), 0)
+
+
+@pytest.mark.parametrize("name", ["full", "window", "frame-sink", "infinity-rope", "slow-fast", "dual"])
+def test_every_one_chunk_policy_rolls_out_with_its_switch_rule_and_a_cut(name):
+    g = torch.Generator().manual_seed(0)
+    policy = make_policy(name)
+    result = SelfForcingRollout(switch=policy.default_switch).run(
+        load_transformer("tiny"), policy, torch.randn(1, 16, 32), lambda shape: torch.randn(shape, generator=g), 30,
+        (4, 4, 4), 1, switches=[(5, torch.randn(1, 16, 32), True)])
+    assert result.latents.shape[2] == 30 and torch.isfinite(result.latents).all() and result.latents.requires_grad

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import TetherError
 from ..memory.switch import make_switch_rule
 from ..sampler import frames_from_capture
 from ..schedule import add_noise, predict_x0, warp_steps
@@ -129,6 +130,9 @@ class SelfForcingRollout:
         """
         if num_frames % self.chunk_frames:
             raise ValueError(f"a rollout of {num_frames} frames is not a whole number of {self.chunk_frames}-frame chunks")
+        if hasattr(policy, "make_sampler"):
+            raise TetherError(f"policy '{policy.name}' samples its own way (several chunks in flight); the Self-Forcing "
+                              f"rollout denoises one chunk at a time")
         rule = make_switch_rule(self.switch)
         rule.check(policy)
         stream = RolloutStream(model, policy, self.chunk_frames)
