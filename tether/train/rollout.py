@@ -126,7 +126,8 @@ class SelfForcingRollout:
             model turns them into K/V inside its gathered blocks);
         noise(shape) -> tensor on the model's device: every Gaussian draw (the caller makes it rank-consistent);
         latent_shape (C, h, w); policy: a fresh `MemoryPolicy`;
-        switches: `Switch`es or (chunk, text[, cut]) tuples, at most one per chunk.
+        switches: `Switch`es or (chunk, text[, cut]) tuples, at most one per chunk, chunk >= 1
+            (the prompt of chunk 0 is `text`).
         """
         if num_frames % self.chunk_frames:
             raise ValueError(f"a rollout of {num_frames} frames is not a whole number of {self.chunk_frames}-frame chunks")
