@@ -24,3 +24,10 @@ def tiny_model():
     """The `tiny` config with seeded random weights, in eval mode."""
     torch.manual_seed(0)
     return WanTransformer(CONFIGS["tiny"]).eval()
+
+
+@pytest.fixture(autouse=True)
+def grad_mode_is_not_leaked():
+    """A test (or code it calls in-process) that switches autograd off globally breaks every later test."""
+    yield
+    assert torch.is_grad_enabled(), "autograd was left disabled"

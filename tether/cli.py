@@ -69,6 +69,12 @@ def parse_options(items) -> dict:
 
 def cmd_generate(args) -> int:
     import torch
+
+    with torch.no_grad():  # a context, not a global switch: cli.main may run in-process (tests, notebooks)
+        return _generate_video(args)
+
+
+def _generate_video(args) -> int:
     from tqdm import tqdm
 
     from .memory import make_policy
@@ -82,7 +88,6 @@ def cmd_generate(args) -> int:
     if args.switch:
         make_switch_rule(args.switch)
     check_writable(args.output)
-    torch.set_grad_enabled(False)
     pipe = load_from_args(args)
     if args.verbose:
         print(f"model: {pipe.description}", file=sys.stderr)

@@ -59,10 +59,10 @@ def measure(config: str = "toy", latent_hw=(8, 8), chunks: int = 20, rounds: int
             "threads": torch.get_num_threads(), "chunks_per_round": chunks, "rounds": rounds, "policies": results}
 
 
+@torch.no_grad()  # not set_grad_enabled(False): main may run in-process and must not leak the mode
 def main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
     report = measure(args.config, (args.latent, args.latent), args.chunks, args.rounds, args.policy or None)
     print(f"per-chunk cost vs window at the same cache size ({report['config']}, {report['tokens_per_frame']} tokens/frame, "
           f"{report['threads']} threads, median of {report['rounds']}x{report['chunks_per_round']} chunks)")

@@ -501,6 +501,7 @@ def check_size(size) -> None:
         raise TetherError(f"--height/--width must be positive multiples of 16, got {size[0]}x{size[1]}")
 
 
+@torch.no_grad()  # not set_grad_enabled(False): main may run in-process and must not leak the mode
 def main(args) -> int:
     num_chunks = seconds_to_chunks(args.seconds)
     make_policy(args.policy)  # fail on a bad name before loading anything
@@ -513,7 +514,6 @@ def main(args) -> int:
     if args.no_cache_chunks is not None and args.no_cache_chunks < 0:
         raise TetherError(f"--no-cache-chunks must be 0 or more, got {args.no_cache_chunks}")
     device = _device(args.device)
-    torch.set_grad_enabled(False)
     load_at_start = os.getloadavg()[0]
 
     pipe = load_benchmark_pipeline(args, device, _dtype(args.dtype))
