@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ...vae import LatentCodec, load_vae
+from ...vae import LatentCodec, load_vae, use_onednn_convolutions
 from ..recipe import Recipe, register_recipe
 from ..toy_data import clips_to_video, sample_clip
 
@@ -191,6 +191,7 @@ class VAE(Recipe):
         vae = AutoencoderKLWan.from_config(self.vae.config)
         vae.load_state_dict(self.trainer.weights("vae", ema=bool(cfg.get("ema"))))
         vae.eval().requires_grad_(False)
+        use_onednn_convolutions(vae)  # single-clip encodes on CPU: ~2x faster (see tether.vae)
         frames = int(export_cfg.get("frames", 33))
         mean, std = latent_statistics(vae, int(export_cfg.get("stats_clips", 32)), frames, self.size)
         vae.register_to_config(latents_mean=mean, latents_std=std)
