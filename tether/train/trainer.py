@@ -198,6 +198,13 @@ class Trainer:
         self._optimizer_model[name] = module
         return opt
 
+    def add_optimizer_from_config(self, name: str, module, opt: dict, default_lr: float):
+        """`add_optimizer` from a recipe config's optimizer section (lr, betas, weight_decay, schedule, ...)."""
+        return self.add_optimizer(name, module, lr=float(opt.get("lr", default_lr)), betas=opt.get("betas", (0.9, 0.999)),
+                                  weight_decay=float(opt.get("weight_decay", 0.0)), schedule=opt.get("schedule", "constant"),
+                                  final_lr_ratio=float(opt.get("final_lr_ratio", 1.0)), warmup=int(opt.get("warmup", 0)),
+                                  horizon=opt.get("horizon"))
+
     # ---- a step ------------------------------------------------------------
     def backward(self, loss, module, micro: int) -> None:
         """Backward of one micro-batch; gradients sync across ranks only on the last one."""

@@ -172,9 +172,7 @@ class ContextTeacher(Recipe):
         self.model = self.trainer.add_model("model", model.float().train(), ema=cfg.get("ema"),
                                             ema_start=cfg.get("ema_start", 0))
         opt = cfg.get("optimizer", {})
-        self.trainer.add_optimizer("model", self.model, lr=float(opt.get("lr", 1e-4)), betas=opt.get("betas", (0.9, 0.999)),
-                                   weight_decay=float(opt.get("weight_decay", 0.0)), schedule=opt.get("schedule", "constant"),
-                                   final_lr_ratio=float(opt.get("final_lr_ratio", 1.0)), warmup=int(opt.get("warmup", 0)))
+        self.trainer.add_optimizer_from_config("model", self.model, opt, default_lr=1e-4)
         self.data = make_data(cfg.get("data", {}), self.model_cfg)
         self.batch_size = int(cfg.get("batch_size", 1))
         self.shift = float(cfg.get("shift", 5.0))

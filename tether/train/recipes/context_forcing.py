@@ -45,7 +45,6 @@ import math
 
 import torch
 
-from ..dmd import critic_loss, dmd_loss
 from ..recipe import register_recipe
 from ..rollout import GRAD_FRAMES
 from .cf_teacher import MOTION, SPARSE, SINK, context_positions
@@ -209,30 +208,5 @@ class ContextForcingStage2(ContextForcingStage1):
         return (window, segments, ContextualScore(self.real_score, contexts, positions),
                 ContextualScore(self.critic, contexts, positions))
 
-    def generator_step(self, step: int) -> dict:
-        trainer = self.trainer
-        loss_total = grad_total = 0.0
-        for micro in range(trainer.accumulation):
-            plan = self.plan(step, micro, "generator")
-            with trainer.autocast():
-                window, segments, real, fake = self.contextual(self.roll(plan, grad=True))
-                timesteps, noise = self.score_draws(plan.draws, window)
-                loss, grad_size = dmd_loss(window, real, fake, timesteps, noise, self.guidance, segments)
-            trainer.backward(loss, self.generator, micro)
-            loss_total += loss.item() / trainer.accumulation
-            grad_total += grad_size / trainer.accumulation
-        grad_norm = trainer.optimizer_step("generator", step)
-        return {"generator_loss": loss_total, "dmd_grad": grad_total, "generator_grad_norm": grad_norm}
-
-    def critic_step(self, step: int) -> dict:
-        trainer = self.trainer
-        total = 0.0
-        for micro in range(trainer.accumulation):
-            plan = self.plan(step, micro, "critic")
-            with trainer.autocast():
-                window, segments, _, fake = self.contextual(self.roll(plan, grad=False))
-                timesteps, noise = self.score_draws(plan.draws, window)
-                loss = critic_loss(fake, window, timesteps, noise, segments)
-            trainer.backward(loss, self.critic, micro)
-            total += loss.item() / trainer.accumulation
-        return {"loss": total, "critic_grad_norm": trainer.optimizer_step("critic", step)}
+    def scored(self, plan, grad: bool):
+        return self.contextual(self.roll(plan, grad=grad))

@@ -32,12 +32,6 @@ def clip_shape(data) -> tuple:
     return channels, data.frames, height, width
 
 
-def add_optimizer_from_config(trainer, name: str, module, opt: dict, default_lr: float):
-    return trainer.add_optimizer(name, module, lr=float(opt.get("lr", default_lr)), betas=opt.get("betas", (0.9, 0.999)),
-                                 weight_decay=float(opt.get("weight_decay", 0.0)), schedule=opt.get("schedule", "constant"),
-                                 final_lr_ratio=float(opt.get("final_lr_ratio", 1.0)), warmup=int(opt.get("warmup", 0)),
-                                 horizon=opt.get("horizon"))
-
 
 class GlobalDraws:
     """Gaussian and integer draws for one (step, purpose, micro-batch), identical on every rank."""
@@ -92,7 +86,7 @@ class DistillationRecipe(Recipe):
         self.model_cfg = model.config
         self.generator = self.trainer.add_model("generator", model.float().train(), ema=cfg.get("ema"),
                                                 ema_start=int(cfg.get("ema_start", 0)))
-        add_optimizer_from_config(self.trainer, "generator", self.generator, cfg.get("optimizer", {}), 2e-6)
+        self.trainer.add_optimizer_from_config("generator", self.generator, cfg.get("optimizer", {}), 2e-6)
         self.batch_size = int(cfg.get("batch_size", 1))
         self.shift = float(cfg.get("shift", 5.0))
         self.chunk_frames = int(cfg.get("chunk_frames", 3))

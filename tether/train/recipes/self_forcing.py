@@ -36,7 +36,7 @@ from ..data import make_data
 from ..dmd import critic_loss, dmd_loss, dmd_timesteps, load_score, score_sources, trains_generator
 from ..recipe import register_recipe
 from ..rollout import GRAD_FRAMES, RolloutResult, SelfForcingRollout, Switch, draw_exit_step
-from .distill_base import DistillationRecipe, GlobalDraws, add_optimizer_from_config, clip_shape, draw_prompts
+from .distill_base import DistillationRecipe, GlobalDraws, clip_shape, draw_prompts
 
 
 #: Policies whose memory depends on what was generated (anchor choice, promotion). With a batch
@@ -71,7 +71,7 @@ class SelfForcing(DistillationRecipe):
         self.real_score = trainer.add_model("real_score", load_score(teacher_source, self.model_cfg, "teacher"),
                                             trainable=False)
         self.critic = trainer.add_model("critic", load_score(critic_source, self.model_cfg, "critic").train())
-        add_optimizer_from_config(trainer, "critic", self.critic, cfg.get("critic_optimizer", {}), 4e-7)
+        trainer.add_optimizer_from_config("critic", self.critic, cfg.get("critic_optimizer", {}), 4e-7)
         self.data = make_data(cfg.get("data", {}), self.model_cfg)
         channels, frames, height, width = clip_shape(self.data)
         self.latent_shape = (channels, height, width)
@@ -117,17 +117,23 @@ class SelfForcing(DistillationRecipe):
         return timesteps, draws.noise(window.shape).to(window.device, window.dtype)
 
     # ---- a step ------------------------------------------------------------------
+    def scored(self, plan: RolloutPlan, grad: bool):
+        """Roll out and return (window, segments, real score, fake score): what DMD compares.
+
+        Context Forcing's stage 2 overrides this to condition both scores on the student's memory.
+        """
+        window, segments = self.roll(plan, grad=grad).window(self.grad_frames)
+        return window, segments, self.real_score, self.critic
+
     def generator_step(self, step: int) -> dict:
         trainer = self.trainer
         loss_total = grad_total = 0.0
         for micro in range(trainer.accumulation):
             plan = self.plan(step, micro, "generator")
             with trainer.autocast():
-                result = self.roll(plan, grad=True)
-                window, segments = result.window(self.grad_frames)
+                window, segments, real, fake = self.scored(plan, grad=True)
                 timesteps, noise = self.score_draws(plan.draws, window)
-                loss, grad_size = dmd_loss(window, self.real_score, self.critic, timesteps, noise, self.guidance,
-                                           segments)
+                loss, grad_size = dmd_loss(window, real, fake, timesteps, noise, self.guidance, segments)
             trainer.backward(loss, self.generator, micro)
             loss_total += loss.item() / trainer.accumulation
             grad_total += grad_size / trainer.accumulation
@@ -140,10 +146,9 @@ class SelfForcing(DistillationRecipe):
         for micro in range(trainer.accumulation):
             plan = self.plan(step, micro, "critic")
             with trainer.autocast():
-                result = self.roll(plan, grad=False)
-                window, segments = result.window(self.grad_frames)
+                window, segments, _, fake = self.scored(plan, grad=False)
                 timesteps, noise = self.score_draws(plan.draws, window)
-                loss = critic_loss(self.critic, window, timesteps, noise, segments)
+                loss = critic_loss(fake, window, timesteps, noise, segments)
             trainer.backward(loss, self.critic, micro)
             total += loss.item() / trainer.accumulation
         return {"loss": total, "critic_grad_norm": trainer.optimizer_step("critic", step)}
