@@ -131,6 +131,26 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .memory import make_policy
+
+    make_policy(args.policy)  # fail on a bad name before loading anything
+    if args.max_sessions < 1:
+        raise TetherError("--max-sessions must be at least 1")
+    try:
+        import uvicorn
+
+        from .serve import create_app
+    except ImportError as e:
+        raise TetherError(f"tether serve needs fastapi and uvicorn ({e}); pip install fastapi uvicorn") from None
+    pipe = load_from_args(args)
+    app = create_app(pipe, policy=args.policy, max_sessions=args.max_sessions, idle_timeout=args.idle_timeout)
+    print(f"tether serve: http://{args.host}:{args.port}/  ({pipe.description}; policy {args.policy}, "
+          f"at most {args.max_sessions} sessions)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser():
     parser = OneLineParser(prog="tether", description="Long, interactive, streaming video generation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -164,6 +184,14 @@ def build_parser():
     t.add_argument("--quiet", action="store_true")
     t.add_argument("--until", help="toy chain only (`tether train toy`): stop after this stage")
     t.set_defaults(run=cmd_train)
+    s = sub.add_parser("serve", help="interactive web app: watch the video as it is generated and steer it live")
+    s.add_argument("--policy", default="window", help="memory policy a new session starts with")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--max-sessions", type=int, default=2, help="browser sessions generating at once; more are told the server is busy")
+    s.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without a word from a tab before its session is freed")
+    add_model_arguments(s)
+    s.set_defaults(run=cmd_serve)
     from .bench import add_bench_parser  # `tether bench speed`, and later benchmarks
     add_bench_parser(sub)
     return parser
