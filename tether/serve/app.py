@@ -64,7 +64,7 @@ class Session:
     chunk boundary (exactly the semantics of `Stream.set_prompt`).
     """
 
-    def __init__(self, pipeline, policy: str, seed: int = 0):
+    def __init__(self, pipeline, policy: str, seed: int = 0, on_release=None):
         self.id = secrets.token_urlsafe(12)  # unguessable: it is also the key to the session's mp4
         self.pipeline = pipeline
         self.policy = policy
@@ -85,6 +85,7 @@ class Session:
         self._next_prompt = None
         self._next_policy = None
         self.released = False
+        self.on_release = on_release
 
     # ---- commands, from the event loop ----------------------------------
     def request_prompt(self, prompt: str, cut: bool) -> None:
@@ -143,6 +144,8 @@ class Session:
         self.stream = self.decoder = None
         shutil.rmtree(self.folder, ignore_errors=True)
         _return_freed_memory()
+        if self.on_release is not None:
+            self.on_release(self)
 
 
 def _return_freed_memory() -> None:
@@ -245,7 +248,8 @@ def create_app(pipeline, policy: str = "window", max_sessions: int = 2, idle_tim
                                        f"{max_sessions} sessions are in use. Try again later."})
             await websocket.close(code=BUSY_CLOSE_CODE)
             return
-        session = Session(pipeline, policy)
+        # The slot is given back only once the memory is: a chunk still in flight keeps it taken.
+        session = Session(pipeline, policy, on_release=lambda done: sessions.pop(done.id, None))
         sessions[session.id] = session  # no await since the check: the slot cannot be taken twice
         send_lock = asyncio.Lock()
         running = asyncio.Event()  # set while there is a prompt and the viewer has not paused
@@ -340,7 +344,6 @@ def create_app(pipeline, policy: str = "window", max_sessions: int = 2, idle_tim
             pass  # the tab went away, maybe mid-send: nothing to tell it
         finally:
             generator.cancel()
-            sessions.pop(session.id, None)
             # Queued behind any chunk still being made, so the stream is never freed under it;
             # not awaited, since this task may itself be being cancelled (server shutdown).
             session.executor.submit(session.release)
