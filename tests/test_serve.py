@@ -3,7 +3,6 @@
 import gc
 import json
 import os
-import shutil
 import socket
 import struct
 import sys
@@ -89,8 +88,7 @@ def test_frames_arrive_and_a_prompt_switch_is_acknowledged_then_applied(pipeline
 
         ws.send_json({"type": "prompt", "prompt": "a blue  square on snow", "cut": True})
         ack = wait_for(ws, lambda kind, body: kind == "json" and body["type"] == "ack")[-1][1]
-        assert ack == {"type": "ack", "what": "prompt", "prompt": "a blue square on snow", "cut": True,
-                       "chunk": ack["chunk"]}
+        assert ack == {"type": "ack", "what": "prompt", "prompt": "a blue square on snow", "cut": True}
         switched = wait_for(ws, lambda kind, body: kind == "json" and body["type"] == "switched")[-1][1]
         assert switched["prompt"] == "a blue square on snow" and switched["cut"] and switched["chunk"] >= 1
         chunk = wait_for(ws, is_chunk)[-1][1]
@@ -173,6 +171,22 @@ def test_disconnecting_frees_the_session_and_its_video(pipeline, tmp_path):
         assert not app.state.sessions and not folder.exists() and session.stream is None
         assert client.get(hello["video_url"]).status_code == 404
         assert client.get("/health").json()["sessions"] == 0
+
+
+def test_a_failing_model_is_reported_and_the_session_freed(pipeline, monkeypatch):
+    from tether.errors import TetherError
+    from tether.serve.app import Session
+
+    def broken(self):
+        raise TetherError("the model broke")
+
+    monkeypatch.setattr(Session, "make_chunk", broken)
+    app = create_app(pipeline, realtime=False)
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        start(ws)
+        error = wait_for(ws, lambda kind, body: kind == "json" and body["type"] == "error")[-1][1]
+        assert error == {"type": "error", "message": "generation failed: the model broke", "fatal": True}
+    wait_until_no_sessions(app)
 
 
 def test_an_idle_session_is_closed(pipeline):

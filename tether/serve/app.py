@@ -27,9 +27,11 @@ in force; the session's mp4 keeps everything generated, across restarts.
 """
 
 import asyncio
+import contextlib
 import ctypes
 import gc
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -54,6 +56,11 @@ PAGE = Path(__file__).with_name("page.html")
 MAX_PROMPT_CHARS = 300
 BUSY_CLOSE_CODE = 1013  # "try again later"
 IDLE_CLOSE_CODE = 1001  # "going away"
+log = logging.getLogger("tether.serve")
+
+
+class GenerationFailed(Exception):
+    """The model failed, as opposed to the connection: worth telling the page about."""
 
 
 class Session:
@@ -276,7 +283,11 @@ def create_app(pipeline, policy: str = "window", max_sessions: int = 2, idle_tim
                     if ahead > lead_seconds:
                         await asyncio.sleep(ahead - lead_seconds)
                         continue  # the viewer may have paused meanwhile
-                frames, event, seconds = await loop.run_in_executor(session.executor, session.make_chunk)
+                try:
+                    frames, event, seconds = await loop.run_in_executor(session.executor, session.make_chunk)
+                except Exception as error:
+                    log.exception("session %s: generation failed", session.id)
+                    raise GenerationFailed(str(error) if isinstance(error, TetherError) else repr(error)) from error
                 if clock_start is None:
                     clock_start = time.monotonic()
                 if event is not None:
@@ -293,8 +304,8 @@ def create_app(pipeline, policy: str = "window", max_sessions: int = 2, idle_tim
             kind = command["type"]
             if kind == "prompt":
                 session.request_prompt(command["prompt"], command["cut"])
-                await send({"type": "ack", "what": "prompt", "prompt": command["prompt"], "cut": command["cut"],
-                            "chunk": session.chunks_done})
+                # No chunk index here: one may be in flight; "switched" says where it really applied.
+                await send({"type": "ack", "what": "prompt", "prompt": command["prompt"], "cut": command["cut"]})
                 if not running.is_set() and not paused:
                     running.set()
             elif kind == "policy":
@@ -322,10 +333,11 @@ def create_app(pipeline, policy: str = "window", max_sessions: int = 2, idle_tim
                 if generator in done:
                     receive.cancel()
                     error = generator.exception()
-                    message = str(error) if isinstance(error, TetherError) else f"generation failed: {error!r}"
-                    await send({"type": "error", "message": message, "fatal": True})
-                    await websocket.close()
-                    break
+                    if isinstance(error, GenerationFailed):
+                        with contextlib.suppress(Exception):  # the tab may be gone too
+                            await send({"type": "error", "message": f"generation failed: {error}", "fatal": True})
+                            await websocket.close()
+                    break  # otherwise sending failed: the tab went away
                 if not done:
                     receive.cancel()
                     await send({"type": "closed", "reason": f"idle for {idle_timeout:g} s"})
@@ -340,7 +352,7 @@ def create_app(pipeline, policy: str = "window", max_sessions: int = 2, idle_tim
                 kind = await handle(message["text"])
                 if kind in ("pause", "resume"):
                     paused = kind == "pause"
-        except (WebSocketDisconnect, RuntimeError):
+        except (WebSocketDisconnect, RuntimeError, OSError):
             pass  # the tab went away, maybe mid-send: nothing to tell it
         finally:
             generator.cancel()
