@@ -358,6 +358,20 @@ def test_page_in_headless_chromium(pipeline, tmp_path):
             screenshot = os.environ.get("TETHER_SERVE_SCREENSHOT")  # docs/serve.png is made this way
             page.screenshot(path=screenshot or str(tmp_path / "serve.png"))
 
+            page.fill("#prompt", "the camera pans left over the desert")
+            page.click("#cut")
+            page.wait_for_selector("#timeline li:has-text('desert') .cut", timeout=30000)
+            page.select_option("#policy", "dual")
+            page.wait_for_selector("#timeline li:has-text('desert') .policy:text-is('dual')", timeout=30000)
+
+            page.click("#pause")
+            paused_at = frame_count()
+            page.wait_for_timeout(500)
+            assert frame_count() == paused_at
+            page.click("#pause")
+            page.wait_for_function(f"Number(document.getElementById('frame-count').textContent) > {paused_at}",
+                                   timeout=30000)
+
             with page.expect_download(timeout=30000) as download_info:
                 page.click("#download")
             saved = tmp_path / "download.mp4"
