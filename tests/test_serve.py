@@ -390,7 +390,10 @@ def test_tether_serve_command_serves_the_page_on_localhost(tmp_path):
 
     from tether.cli import main
 
-    assert main(["serve", "--policy", "no-such-policy"]) == 2  # one line, before any model is loaded
+    # One line, before any model is loaded.
+    assert main(["serve", "--policy", "no-such-policy"]) == 2
+    assert main(["serve", "--max-sessions", "0"]) == 2
+    assert main(["serve", "--idle-timeout", "0"]) == 2
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tether", "serve", "--port", str(port), "--max-sessions", "1"],
                               stderr=subprocess.PIPE, text=True)

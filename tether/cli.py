@@ -137,6 +137,8 @@ def cmd_serve(args) -> int:
     make_policy(args.policy)  # fail on a bad name before loading anything
     if args.max_sessions < 1:
         raise TetherError("--max-sessions must be at least 1")
+    if args.idle_timeout <= 0:
+        raise TetherError("--idle-timeout must be a positive number of seconds")
     try:
         import uvicorn
 
