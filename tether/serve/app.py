@@ -87,7 +87,6 @@ class Session:
         self.chunks_done = 0
         self.frames_done = 0
         self.generating_seconds = 0.0
-        self.timeline = []  # {"chunk", "prompt", "cut", "policy"} per switch
         self._lock = threading.Lock()
         self._next_prompt = None
         self._next_policy = None
@@ -125,13 +124,13 @@ class Session:
                 prompt = next_prompt[0] if next_prompt else self.prompt
                 self.stream.set_prompt(prompt)
                 event = {"chunk": self.chunks_done, "prompt": prompt, "cut": False, "policy": self.policy}
-            elif next_prompt is not None:
+            elif next_prompt is not None and (next_prompt[0] != self.prompt or next_prompt[1]):
+                # (the same prompt again, without a cut, changes nothing: no timeline entry)
                 self.stream.set_prompt(*next_prompt)
                 event = {"chunk": self.chunks_done, "prompt": next_prompt[0], "cut": bool(next_prompt[1]),
                          "policy": self.policy}
             if event is not None:
                 self.prompt = event["prompt"]
-                self.timeline.append(event)
             latents = self.stream.step()
             video = self.decoder.decode_chunk(latents.to(self.pipeline.codec_dtype))
             frames = video_to_uint8(video)
