@@ -7,7 +7,8 @@ latents that carry almost nothing of the frame.
 Batches are short world clips (1 + 4k frames, k = `data.frames` - 1) cut at a
 random point of an 81-frame clip, so objects are seen mid-motion, entering,
 leaving and under camera pans. `data.frames/height/width` count *latent*
-frames and pixels, as every other recipe's data section does.
+frames and latent pixels (pixels / 8), as every other recipe's data section
+does; `data.crop` (latent pixels) trains on random square crops.
 
 Loss, on pixels in [-1, 1]:
 - L1 + MSE: L1 keeps flat colour regions exact, MSE punishes the rare large
@@ -27,6 +28,14 @@ a random init's wide posterior slows the start badly (measured: held-out
 PSNR still 13.5 dB after 100 steps with sampling on).
 
 There is no Wan-scale config: Wan2.1's VAE is pretrained and used as is.
+
+Known limit (measured on 2 busy CPU cores): from its random init this
+architecture learns slowly. At lr 1.5e-4 the held-out PSNR sits near 14-15 dB
+for the first ~1000 steps (the decoder's output depends little on the latent
+yet: gradients reaching quant_conv/post_quant_conv are ~1000x smaller than
+at the decoder's conv_out); lr >= 3e-4 breaks down near step 90 and does not
+recover. Reaching ~30 dB needs far more steps than a CPU hour gives: continue
+from the shipped weights (`model.source=tether/weights/toy_vae`) on a GPU.
 """
 
 import json
