@@ -153,6 +153,11 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .eval import cmd_eval as run_eval  # imports cv2 / feature models only when asked
+    return run_eval(args)
+
+
 def build_parser():
     parser = OneLineParser(prog="tether", description="Long, interactive, streaming video generation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -194,6 +199,14 @@ def build_parser():
     s.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without a word from a tab before its session is freed")
     add_model_arguments(s)
     s.set_defaults(run=cmd_serve)
+    e = sub.add_parser("eval", help="score videos: consistency, flicker, motion, drift; exact toy-world metrics")
+    e.add_argument("videos", nargs="+", metavar="VIDEO")
+    e.add_argument("--prompt", help="the prompt the video was made from")
+    e.add_argument("--timeline", help="the timeline it was made from ('a fox runs[10s] | it stops[5s#]' or a file)")
+    e.add_argument("--features", default="efficientnet-lite0",
+                   help="frame features: efficientnet-lite0 (default), pixels, or a local Hugging Face model folder")
+    e.add_argument("--json", required=True, help="where to write the results")
+    e.set_defaults(run=cmd_eval)
     from .bench import add_bench_parser  # `tether bench speed`, and later benchmarks
     add_bench_parser(sub)
     return parser
