@@ -114,8 +114,10 @@ class HuggingFaceExtractor(_Extractor):
         self.has_text = self.model_type in ("clip", "siglip", "siglip2")
         self.model = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
         vision = getattr(config, "vision_config", config)
-        self.size = int(getattr(vision, "image_size", 224))
         processor_config = _read_json(Path(path) / "preprocessor_config.json")
+        # The processor's crop size is what the model saw in training (DINOv2's
+        # config says 518 but its processor crops 224); the config's is the fallback.
+        self.size = _processor_size(processor_config) or int(getattr(vision, "image_size", 224))
         self.mean = tuple(processor_config.get("image_mean", (0.485, 0.456, 0.406)))
         self.std = tuple(processor_config.get("image_std", (0.229, 0.224, 0.225)))
         if self.has_text:
@@ -124,7 +126,7 @@ class HuggingFaceExtractor(_Extractor):
     def _embed(self, frames):
         x = _to_float(frames, self.size, self.mean, self.std)
         if self.has_text:
-            return self.model.get_image_features(pixel_values=x)
+            return _embedding(self.model.get_image_features(pixel_values=x))
         return self.model(pixel_values=x).last_hidden_state[:, 0]  # CLS token (DINO's image feature)
 
     @torch.no_grad()
@@ -133,7 +135,26 @@ class HuggingFaceExtractor(_Extractor):
             return super().text(prompt)
         # SigLIP was trained with max-length padding; CLIP does not mind either way.
         tokens = self.tokenizer([prompt], padding="max_length", truncation=True, return_tensors="pt")
-        return _normalise(self.model.get_text_features(**tokens))[0]
+        return _normalise(_embedding(self.model.get_text_features(**tokens)))[0]
+
+
+def _embedding(output) -> torch.Tensor:
+    """get_image/text_features' result: a tensor in transformers 4, an output whose
+    pooler_output holds the projected embedding in transformers 5."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+def _processor_size(processor_config: dict):
+    """Input side from a preprocessor_config.json (crop_size, else size), or None."""
+    for key in ("crop_size", "size"):
+        value = processor_config.get(key)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, dict):
+            side = value.get("height") or value.get("shortest_edge")
+            if side:
+                return int(side)
+    return None
 
 
 def _read_json(path: Path) -> dict:
@@ -148,6 +169,11 @@ def load_extractor(name_or_path: str):
     if name_or_path == "pixels":
         return PixelExtractor()
     if Path(name_or_path).is_dir():
-        return HuggingFaceExtractor(name_or_path)
+        try:
+            return HuggingFaceExtractor(name_or_path)
+        except TetherError:
+            raise
+        except Exception as e:  # transformers' many errors for a folder that is not a model
+            raise TetherError(f"cannot load features from {name_or_path}: {str(e).splitlines()[0]}") from None
     raise TetherError(f"unknown --features '{name_or_path}': use efficientnet-lite0, pixels, "
                       "or the path of a local Hugging Face model folder")
