@@ -241,3 +241,22 @@ def test_cli_bad_inputs_are_one_line(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("tether: error:") and "\n" not in err
+
+
+def test_identity_after_reentry(probe):
+    """A subject that leaves and comes back must keep the attributes the prompt left open."""
+    from tether.world import render_clip
+    prompts = ["a red circle bounces on grass", "the circle is out of view", "the circle comes back"]
+    ranges = [(0, 48), (48, 96), (96, 144)]
+    frames, truths = render_clip(" | ".join(f"{p}[3s]" for p in prompts), seed=3)
+    parsed = parse_world_timeline(prompts)
+    kept = toy_metrics(probe.read(frames), parsed, ranges)
+    assert kept["identity_retention"] >= 0.95
+    # the same subject returning with another (unstated) pattern
+    pattern = truths[0].objects[0].pattern
+    other = next(p for p in ("solid", "striped", "dotted") if p != pattern)
+    changed, _ = render_clip(" | ".join(f"{p}[3s]" for p in [f"a red {other} circle bounces on grass"] + prompts[1:]),
+                             seed=3)
+    swapped = np.concatenate([frames[:96], changed[96:]])
+    after = toy_metrics(probe.read(swapped), parsed, ranges)["segments"][2]["identity"]
+    assert after["pattern"] <= 0.05 and after["size"] >= 0.95
