@@ -155,3 +155,14 @@ def test_window_stream_runs_past_any_table_limit(models):
         assert torch.isfinite(stream.step()).all()
     assert policy.num_cached_frames() == 6
     assert policy.layout(3).query_positions == [2409, 2410, 2411]
+
+
+def test_text_cache_is_bounded(models):
+    ours, _ = models
+    stream = Stream(ours, make_policy("window"), lambda p: padded_text(1), (CFG.in_channels, 4, 4))
+    first = stream.text_context("p0")
+    for i in range(1, 20):
+        stream.text_context(f"p{i}")
+    assert len(stream._text_cache) == Stream.TEXT_CACHE_SIZE
+    assert stream.text_context("p19") is stream._text_cache["p19"]
+    assert stream.text_context("p0") is not first  # evicted, then encoded again

@@ -9,6 +9,8 @@ Randomness comes from one CPU generator seeded once, so a stream is
 deterministic on CPU and draws the same noise on any device.
 """
 
+from collections import OrderedDict
+
 import torch
 
 from .memory.switch import make_switch_rule
@@ -37,7 +39,7 @@ class Stream:
         self.prompt = None
         self.timeline = None
         self._pending = None
-        self._text_cache = {}
+        self._text_cache = OrderedDict()
 
     # ---- what samplers and switch rules use ------------------------------
     @property
@@ -51,11 +53,20 @@ class Stream:
     def noise_like(self, x: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, generator=self.rng).to(x.device, x.dtype)
 
+    #: prompts whose text K/V stay cached; at 1.3B one prompt's K/V is ~94 MB in bf16, and an
+    #: interactive session may see hundreds of prompts. Four covers the prompt in force, a
+    #: pending switch and a look-ahead sampler's window.
+    TEXT_CACHE_SIZE = 4
+
     def text_context(self, prompt: str) -> TextContext:
-        if prompt not in self._text_cache:
+        if prompt in self._text_cache:
+            self._text_cache.move_to_end(prompt)
+        else:
             with torch.no_grad():
                 embeddings = self.encode_prompt(prompt).to(self.device)
                 self._text_cache[prompt] = self.model.encode_text(embeddings)
+            while len(self._text_cache) > self.TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
         return self._text_cache[prompt]
 
     def text_for_chunk(self, chunk_index: int) -> TextContext:
