@@ -2,7 +2,8 @@
 
     vae      train the toy video VAE (or take the shipped one, tether/weights/toy_vae)
     text     the toy text encoder: a frozen, randomly initialised umT5 over the world's words
-    dataset  render world clips, encode them once (VAE latents + text embeddings)
+    dataset  render world clips, encode them once (VAE latents + text embeddings);
+             ~1.5 clips/s of 81 frames at 64x64 on 2 CPU cores: 2000 clips in ~23 min
     teacher  bidirectional flow-matching teacher on that dataset
     student  ode-init, then self-forcing (when those recipes are registered)
     export   a bundle folder that `tether generate --checkpoint` loads
