@@ -26,14 +26,7 @@ from tether.vae import (
 from tether.video import VideoWriter, check_writable, probe_video, read_video
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    # These tensors are far too small to gain from threads, and on a busy 2-core
-    # machine idle-spinning worker threads make them many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
