@@ -45,11 +45,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ...checkpoints import load_transformer, save_transformer
-from ..data import make_data
+from ...checkpoints import save_transformer
 from ..error_bank import ErrorBank, InjectionRates, draw_errors, draw_injection
-from ..recipe import Recipe, register_recipe
-from .teacher import sample_timesteps
+from ..recipe import register_recipe
+from .teacher import Teacher, sample_timesteps
 
 SINK, SPARSE, STRIDE, MOTION, TARGET = 3, 12, 6, 6, 21
 
@@ -159,24 +158,16 @@ def merge_lora(weights: dict, scale: float) -> dict:
 
 
 @register_recipe
-class ContextTeacher(Recipe):
+class ContextTeacher(Teacher):
     name = "cf-teacher"
 
+    def prepare_model(self, model):
+        self.lora = self.cfg.get("lora")
+        return add_lora(model, self.lora) if self.lora else model
+
     def setup(self):
+        super().setup()
         cfg = self.cfg
-        model = load_transformer(cfg["model"]["source"], config=cfg["model"].get("config"))
-        self.model_cfg = model.config
-        self.lora = cfg.get("lora")
-        if self.lora:
-            model = add_lora(model, self.lora)
-        self.model = self.trainer.add_model("model", model.float().train(), ema=cfg.get("ema"),
-                                            ema_start=cfg.get("ema_start", 0))
-        opt = cfg.get("optimizer", {})
-        self.trainer.add_optimizer_from_config("model", self.model, opt, default_lr=1e-4)
-        self.data = make_data(cfg.get("data", {}), self.model_cfg)
-        self.batch_size = int(cfg.get("batch_size", 1))
-        self.shift = float(cfg.get("shift", 5.0))
-        self.text_dropout = float(cfg.get("text_dropout", 0.1))
         self.random_history = bool(cfg.get("random_history", True))
         erft = cfg.get("erft", {})
         self.erft = bool(erft.get("enabled", True))

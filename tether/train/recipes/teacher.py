@@ -34,10 +34,15 @@ def flow_matching_loss(model, latents, text, timesteps, noise, forward="bidirect
 class Teacher(Recipe):
     name = "teacher"
 
+    def prepare_model(self, model):
+        """Hook for variants that adapt the network before training (e.g. LoRA)."""
+        return model
+
     def setup(self):
         cfg = self.cfg
         model = load_transformer(cfg["model"]["source"], config=cfg["model"].get("config"))
         self.model_cfg = model.config
+        model = self.prepare_model(model)
         self.model = self.trainer.add_model("model", model.float().train(), ema=cfg.get("ema"), ema_start=cfg.get("ema_start", 0))
         opt = cfg.get("optimizer", {})
         self.trainer.add_optimizer_from_config("model", self.model, opt, default_lr=1e-4)
