@@ -255,7 +255,10 @@ class Trainer:
         for name, ema in self.emas.items():
             state["emas"][name] = {k: v.cpu() for k, v in ema.state_dict().items()}
         state["extra"] = {name: obj.state_dict() for name, obj in self.extra_states.items()}
-        state["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        # Plain types and tensors only, so the checkpoint loads with weights_only=True.
+        state["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
         return state
 
     def save(self, step: int) -> None:
@@ -272,7 +275,7 @@ class Trainer:
         path = self._checkpoint_path()
         if not path.exists():
             return 0
-        state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG tuples
+        state = torch.load(path, map_location="cpu", weights_only=True)
         full = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
         for name, m in self.models.items():
             set_model_state_dict(m, state["models"][name], options=full)
@@ -285,7 +288,8 @@ class Trainer:
             obj.load_state_dict(state["extra"][name])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         return int(state["step"])
 
     # ---- the loop ----------------------------------------------------------
