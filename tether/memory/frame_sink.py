@@ -24,12 +24,12 @@ Where tether chose, at a recache (`kv-recache`, switch.py):
 
 import math
 
-from .base import Layout, MemoryPolicy
+from .base import Layout
+from .sink import SinkAndRecent
 
 
-class FrameSink(MemoryPolicy):
+class FrameSink(SinkAndRecent):
     name = "frame-sink"
-    frame_groups = ("sink", "recent")
     default_switch = "kv-recache"
     positions = (0, math.inf)
 
@@ -44,10 +44,6 @@ class FrameSink(MemoryPolicy):
     def recent_frames(self) -> int:
         return self.attention_frames - self.sink_frames - self.chunk_frames
 
-    @property
-    def max_frames(self) -> int:
-        return self.sink_frames + self.recent_frames
-
     def layout(self, num_query_frames: int) -> Layout:
         slots = self.sink + self.recent
         return Layout(
@@ -55,15 +51,6 @@ class FrameSink(MemoryPolicy):
             key_positions=[f.index for f in slots],
             query_positions=list(range(self.next_index, self.next_index + num_query_frames)),
         )
-
-    def commit(self, frames: list) -> None:
-        room = self.sink_frames - len(self.sink)
-        self.sink = self.sink + frames[:room]
-        self.recent = (self.recent + frames[room:])[-self.recent_frames:] if self.recent_frames else []
-
-    def flush_for_switch(self, keep_recent: int) -> None:
-        """`kv-flush`: keep the sink and the last `keep_recent` frames."""
-        self.recent = self.recent[-keep_recent:] if keep_recent else []
 
     def frozen_frames(self) -> list:
         """Frames a recache must leave untouched: the sink, with `global_sink`."""

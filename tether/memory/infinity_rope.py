@@ -21,12 +21,12 @@ Where tether chose:
   chunk, the commit pass included; later chunks see its frames re-indexed as usual.
 """
 
-from .base import Layout, MemoryPolicy
+from .base import Layout
+from .sink import SinkAndRecent
 
 
-class InfinityRope(MemoryPolicy):
+class InfinityRope(SinkAndRecent):
     name = "infinity-rope"
-    frame_groups = ("sink", "recent")
     default_switch = "kv-flush"
     positions = (0, 5)
 
@@ -46,10 +46,6 @@ class InfinityRope(MemoryPolicy):
     def recent_frames(self) -> int:
         return self.window - self.chunk_frames
 
-    @property
-    def max_frames(self) -> int:
-        return self.sink_frames + self.recent_frames
-
     def layout(self, num_query_frames: int) -> Layout:
         first_query = self.window - num_query_frames
         recent = self.recent[-first_query:] if first_query > 0 else []
@@ -64,17 +60,11 @@ class InfinityRope(MemoryPolicy):
         )
 
     def commit(self, frames: list) -> None:
-        room = self.sink_frames - len(self.sink)
-        self.sink = self.sink + frames[:room]
-        self.recent = (self.recent + frames[room:])[-self.recent_frames:] if self.recent_frames else []
+        super().commit(frames)
         self.cut_pending = False
 
     def on_scene_cut(self) -> None:
         self.cut_pending = True
-
-    def flush_for_switch(self, keep_recent: int) -> None:
-        """`kv-flush`: keep the sink and the last `keep_recent` frames."""
-        self.recent = self.recent[-keep_recent:] if keep_recent else []
 
     def extra_state(self) -> dict:
         return {"cut_pending": self.cut_pending}

@@ -38,7 +38,8 @@ from ..errors import TetherError
 from ..model.transformer import TextContext
 from .. import sampler  # the module, not its names: tether.sampler imports tether.memory
 from ..schedule import add_noise, predict_x0, warp_steps
-from .base import Layout, MemoryPolicy
+from .base import Layout
+from .sink import SinkAndRecent
 
 ROLLING_STEPS = (1000, 800, 600, 400, 200)
 KEY_FRAMES = 21
@@ -51,9 +52,8 @@ class InFlightChunk:
     latents: torch.Tensor  # [1, C, F, h, w] at that level's noise
 
 
-class Rolling(MemoryPolicy):
+class Rolling(SinkAndRecent):
     name = "rolling"
-    frame_groups = ("sink", "recent")
     positions = (0, math.inf)
 
     def __init__(self, chunk_frames: int = 3, window_chunks: int = 5, key_frames: int = KEY_FRAMES,
@@ -68,6 +68,7 @@ class Rolling(MemoryPolicy):
         self.denoising_steps = tuple(denoising_steps)
         self.shift = shift
         self.warp = warp
+        self.sink_frames = chunk_frames  # the first chunk
         super().__init__(chunk_frames)
 
     @property
@@ -89,14 +90,6 @@ class Rolling(MemoryPolicy):
             query_positions=list(range(self.next_index, self.next_index + num_query_frames)),
         )
 
-    def commit(self, frames: list) -> None:
-        room = self.chunk_frames - len(self.sink)
-        self.sink = self.sink + frames[:room]
-        self.recent = (self.recent + frames[room:])[-self.recent_frames:] if self.recent_frames else []
-
-    def flush_for_switch(self, keep_recent: int) -> None:
-        """`kv-flush`: keep the sink and the last `keep_recent` frames."""
-        self.recent = self.recent[-keep_recent:] if keep_recent else []
 
 
 class RollingSampler:
