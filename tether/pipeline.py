@@ -3,6 +3,8 @@
 Sources, all local:
 - nothing: the built-in toy model shipped in `tether/weights/default/` (or,
   before it exists, the toy config with random weights, and a notice);
+- the name of a shipped toy model: `default`, `context-forcing`,
+  `grounded-forcing` (bundles in `tether/weights/<name>/`);
 - a tether bundle folder (`pipeline.json`, `transformer.safetensors`,
   `text_encoder/`, `vae/`), which is what tether's training exports;
 - an original Wan2.1-T2V folder, or a diffusers-format Wan folder;
@@ -22,7 +24,15 @@ from .errors import TetherError
 from .memory import make_policy
 from .stream import Stream
 
-BUILTIN = Path(__file__).parent / "weights" / "default"
+WEIGHTS = Path(__file__).parent / "weights"
+BUILTIN = WEIGHTS / "default"
+# Toy-world models shipped inside the package, selectable by name (`--checkpoint context-forcing`).
+SHIPPED_MODELS = ("default", "context-forcing", "grounded-forcing")
+
+
+def shipped_models() -> list:
+    """Names of the shipped toy models whose bundle is present in this install."""
+    return [name for name in SHIPPED_MODELS if (WEIGHTS / name / "pipeline.json").exists()]
 WAN_SIZE = (480, 832)
 
 
@@ -135,6 +145,10 @@ def load_pipeline(checkpoint=None, base=None, device="cpu", dtype=None, ema=Fals
             return _bundle(BUILTIN, device, dtype)
         return _random_toy(device, dtype)
     path = Path(checkpoint)
+    if str(checkpoint) in SHIPPED_MODELS and not path.exists():
+        if str(checkpoint) not in shipped_models():
+            raise TetherError(f"shipped model '{checkpoint}' is not in this install (present: {', '.join(shipped_models()) or 'none'})")
+        return _bundle(WEIGHTS / str(checkpoint), device, dtype)
     if not path.exists():
         raise TetherError(f"checkpoint not found: {checkpoint}")
     if path.is_dir() and (path / "pipeline.json").exists():
