@@ -75,12 +75,10 @@ def cmd_generate(args) -> int:
 
 
 def _generate_video(args) -> int:
-    from tqdm import tqdm
-
     from .memory import make_policy
     from .memory.switch import make_switch_rule
     from .timeline import resolve_timeline
-    from .video import VideoWriter, check_writable
+    from .video import check_writable
 
     timeline = resolve_timeline(prompt=args.prompt, timeline=args.timeline, seconds=args.seconds)
     policy_options = parse_options(args.policy_opt)
@@ -91,20 +89,38 @@ def _generate_video(args) -> int:
     pipe = load_from_args(args)
     if args.verbose:
         print(f"model: {pipe.description}", file=sys.stderr)
-    frames_done = 0
     started = time.perf_counter()
-    with VideoWriter(args.output, fps=pipe.fps) as writer, tqdm(total=timeline.num_chunks, unit="chunk",
-                                                               desc=f"generate [{args.policy}]", disable=args.quiet) as bar:
-        for chunk in pipe.generate(timeline, policy=args.policy, seed=args.seed, switch=args.switch,
-                                    policy_options=policy_options):
-            writer.write(chunk.frames)
-            frames_done += len(chunk.frames)
-            bar.set_postfix(fps=f"{frames_done / (time.perf_counter() - started):.1f}", refresh=False)
-            bar.update(1)
+    frames_done = write_video(pipe, timeline, args.output, policy=args.policy, seed=args.seed, switch=args.switch,
+                              policy_options=policy_options, progress=not args.quiet)
     elapsed = time.perf_counter() - started
     print(f"wrote {args.output}: {frames_done} frames ({frames_done / pipe.fps:.1f} s of video) in {elapsed:.1f} s, "
           f"{frames_done / elapsed:.1f} frames/s, policy {args.policy}, {pipe.description}")
     return 0
+
+
+def write_video(pipe, timeline, output, policy="window", seed=0, switch=None, policy_options=None,
+                progress=True, on_frames=None) -> int:
+    """Generate `timeline` with `pipe` into the mp4 `output`, chunk by chunk; the number of frames written.
+
+    What `tether generate` runs, and `tether bench quality` for each of its runs.
+    `on_frames(first_frame_index, frames)` sees every decoded chunk as it is written.
+    """
+    from tqdm import tqdm
+
+    from .video import VideoWriter
+
+    frames_done = 0
+    started = time.perf_counter()
+    with VideoWriter(output, fps=pipe.fps) as writer, tqdm(total=timeline.num_chunks, unit="chunk",
+                                                          desc=f"generate [{policy}]", disable=not progress) as bar:
+        for chunk in pipe.generate(timeline, policy=policy, seed=seed, switch=switch, policy_options=policy_options):
+            writer.write(chunk.frames)
+            if on_frames is not None:
+                on_frames(frames_done, chunk.frames)
+            frames_done += len(chunk.frames)
+            bar.set_postfix(fps=f"{frames_done / (time.perf_counter() - started):.1f}", refresh=False)
+            bar.update(1)
+    return frames_done
 
 
 def cmd_train(args) -> int:

@@ -97,13 +97,16 @@ def _generic(frames, features) -> dict:
 
 
 def evaluate(video_path, timeline=None, features="efficientnet-lite0", prompt=None, *, extractor=None,
-             probe=None) -> dict:
+             probe=None, regions=False, series_seconds=None) -> dict:
     """All metrics of one video as a JSON-ready dict.
 
     `timeline`: a tether.timeline.Timeline, its text (see segment_ranges), or None; `prompt`: one prompt for the
     whole video (instead of a timeline). `features`: an extractor name or model
     folder (tether.eval.features); pass a loaded `extractor` / `probe` to reuse
-    them across videos.
+    them across videos. `regions`: for toy-world videos, also subject and
+    background consistency on separate pixels (tether.eval.regions).
+    `series_seconds`: also every per-frame metric as means over windows of
+    that length ("series", tether.eval.series).
     """
     from tether.video import probe_video, read_video
 
@@ -144,15 +147,32 @@ def evaluate(video_path, timeline=None, features="efficientnet-lite0", prompt=No
         result["clip_t"] = float(np.mean([s["clip_t"] for s in segments if "clip_t" in s]))
     result["drift"] = {name: metrics.drift([s[name] for s in segments]) for name in GENERIC_PER_SEGMENT}
 
+    per_frame = {"consistency": metrics.consistency_terms(feats), "temporal_flicker": metrics.flicker_terms(frames)}
     prompts = [p for p, _, _ in ranges]
     if all(prompts):
-        from .toy import parse_world_timeline, toy_metrics
+        from .toy import frame_scores, parse_world_timeline, toy_metrics
         parsed = parse_world_timeline(prompts)
         if parsed is not None:
             if probe is None:
                 from tether.world.probe import load_probe
                 probe = load_probe(str(PROBE_PATH))
-            result["toy"] = toy_metrics(probe.read(frames), parsed, [(f, e) for _, f, e in ranges])
+            readings = probe.read(frames)
+            segment_frames = [(f, e) for _, f, e in ranges]
+            result["toy"] = toy_metrics(readings, parsed, segment_frames)
+            if regions:
+                from .regions import subject_background
+                split = subject_background(frames, readings, extractor)
+                per_frame["subject_consistency"] = split.pop("subject_terms")
+                per_frame["background_consistency"] = split.pop("background_terms")
+                result.update(split)
+            if series_seconds:
+                scores = frame_scores(readings, parsed, segment_frames)
+                for name, key in (("adherence", "adherence"), ("identity_retention", "identity"),
+                                  ("background_stability", "background")):
+                    per_frame[name] = [np.nan if s is None or s[key] is None else s[key] for s in scores]
+    if series_seconds:
+        from .series import window_means
+        result["series"] = window_means(per_frame, len(frames), fps, series_seconds)
     return result
 
 

@@ -34,12 +34,20 @@ def consistency(features) -> float:
     Mean over t >= 1 of ½(max(0, cos(f_t, f_{t-1})) + max(0, cos(f_t, f_0))).
     1.0 for a static video; a scene cut lowers both terms. A single frame gives 1.0.
     """
-    f = _as_unit(features)
-    if len(f) < 2:
+    if len(features) < 2:
         return 1.0
-    to_previous = np.maximum(0.0, np.sum(f[1:] * f[:-1], axis=1))
-    to_first = np.maximum(0.0, f[1:] @ f[0])
-    return float(np.mean(0.5 * (to_previous + to_first)))
+    return float(np.mean(consistency_terms(features)[1:]))
+
+
+def consistency_terms(features) -> np.ndarray:
+    """Per frame [T], the term `consistency` averages: ½(max(0, cos(f_t, f_{t-1})) + max(0, cos(f_t, f_0))); NaN at t = 0."""
+    f = _as_unit(features)
+    out = np.full(len(f), np.nan)
+    if len(f) >= 2:
+        to_previous = np.maximum(0.0, np.sum(f[1:] * f[:-1], axis=1))
+        to_first = np.maximum(0.0, f[1:] @ f[0])
+        out[1:] = 0.5 * (to_previous + to_first)
+    return out
 
 
 def temporal_flicker(frames) -> float:
@@ -48,14 +56,18 @@ def temporal_flicker(frames) -> float:
     1.0 for a static video. VBench scores it on static-camera clips; on moving
     content it also counts real motion.
     """
-    x = np.asarray(frames)
-    if len(x) < 2:
+    if len(frames) < 2:
         return 1.0
-    total, count = 0.0, 0
-    for t in range(len(x) - 1):  # pair by pair: a long video would not fit as one int16 array
-        total += np.abs(x[t + 1].astype(np.int16) - x[t].astype(np.int16)).sum()
-        count += x[t].size
-    return float((255.0 - total / count) / 255.0)
+    return float(np.mean(flicker_terms(frames)[1:]))  # every pair has as many pixels: the plain mean is exact
+
+
+def flicker_terms(frames) -> np.ndarray:
+    """Per frame [T], (255 - mean |x_t - x_{t-1}|) / 255 (the pair ending at t); NaN at t = 0."""
+    x = np.asarray(frames)
+    out = np.full(len(x), np.nan)
+    for t in range(1, len(x)):  # pair by pair: a long video would not fit as one int16 array
+        out[t] = (255.0 - np.abs(x[t].astype(np.int16) - x[t - 1].astype(np.int16)).mean()) / 255.0
+    return out
 
 
 def _gray(frame) -> np.ndarray:

@@ -101,14 +101,14 @@ def chunk_of(frame_in_segment: int, segment_starts_at_frame_0: bool) -> int:
     return frame_in_segment // CHUNK_FRAMES
 
 
-def toy_metrics(readings: list, parsed: list, segment_frames: list) -> dict:
-    """Toy-world metrics (see the module docstring).
+def _track(readings: list, parsed: list, segment_frames: list):
+    """(states, matched, segment_of, references, scene_background) shared by toy_metrics and frame_scores.
 
-    `readings`: Probe.read output, one per frame. `parsed`: world specs per
-    segment. `segment_frames`: (first, end) frame range per segment.
+    matched[t]: the detection (or None) per expected object of frame t's
+    segment; references[(scene, object)]: {attr: value at its first look};
+    scene_background[scene]: the scene's first background reading.
     """
     states = expected_states(parsed)
-    # matched[t] = [detection or None per expected object]
     matched, segment_of = {}, {}
     for s, (first, end) in enumerate(segment_frames):
         for t in range(first, min(end, len(readings))):
@@ -116,7 +116,6 @@ def toy_metrics(readings: list, parsed: list, segment_frames: list) -> dict:
             matched[t] = _match(states[s]["objects"], present)
             segment_of[t] = s
 
-    # Reference values of open attributes: (scene, object) -> {attr: first look mode}.
     references, first_looks = {}, {}
     for t in sorted(matched):
         state = states[segment_of[t]]
@@ -131,6 +130,45 @@ def toy_metrics(readings: list, parsed: list, segment_frames: list) -> dict:
     scene_background = {}
     for t in sorted(matched):
         scene_background.setdefault(states[segment_of[t]]["scene"], readings[t]["background"])
+    return states, matched, segment_of, references, scene_background
+
+
+def frame_scores(readings: list, parsed: list, segment_frames: list) -> list:
+    """Per frame, the toy metrics' ingredients, for metrics over time (tether.eval.series).
+
+    Each entry: {"adherence": share of the stated values the frame shows (background and the read
+    attributes of detected objects), "identity": share of open attributes equal to their first look,
+    "background": 1.0 if the background is the scene's first else 0.0}; a value is None where the
+    frame has nothing to score (e.g. identity with the subject out of view). Frames outside every
+    segment are None.
+    """
+    states, matched, segment_of, references, scene_background = _track(readings, parsed, segment_frames)
+    out = [None] * len(readings)
+    for t in sorted(matched):
+        state = states[segment_of[t]]
+        stated, identity = [], []
+        if state["background"] is not None:
+            stated.append(readings[t]["background"] == state["background"])
+        for k, (o, det) in enumerate(zip(state["objects"], matched[t])):
+            if det is None:
+                continue
+            for a in READ_ATTRIBUTES:
+                if a in o:
+                    stated.append(det[a] == o[a])
+                else:
+                    identity.append(det[a] == references[(state["scene"], k)][a])
+        out[t] = {"adherence": _share(stated), "identity": _share(identity),
+                  "background": float(readings[t]["background"] == scene_background.get(state["scene"]))}
+    return out
+
+
+def toy_metrics(readings: list, parsed: list, segment_frames: list) -> dict:
+    """Toy-world metrics (see the module docstring).
+
+    `readings`: Probe.read output, one per frame. `parsed`: world specs per
+    segment. `segment_frames`: (first, end) frame range per segment.
+    """
+    states, matched, segment_of, references, scene_background = _track(readings, parsed, segment_frames)
 
     segments = []
     for s, (first, end) in enumerate(segment_frames):
