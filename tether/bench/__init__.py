@@ -1,4 +1,4 @@
-"""`tether bench ...`: benchmarks, one sub-command each (`speed` now; `quality` can join later).
+"""`tether bench ...`: benchmarks, one sub-command each.
 
 Only argument definitions live here, so that building the CLI parser stays
 cheap; each benchmark's module (and torch) is imported when it runs.
@@ -12,6 +12,7 @@ def add_bench_parser(subparsers) -> None:
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, parser_class=type(bench))
     _add_speed_parser(benchmarks)
     _add_cost_parser(benchmarks)
+    _add_quality_parser(benchmarks)
 
 
 def _add_cost_parser(benchmarks) -> None:
@@ -24,6 +25,30 @@ def _add_cost_parser(benchmarks) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--json", help="write the results to this JSON file")
     p.set_defaults(run=lambda args: __import__("tether.bench.cost", fromlist=["main"]).main(args))
+
+
+def _add_quality_parser(benchmarks) -> None:
+    p = benchmarks.add_parser(
+        "quality", help="every memory policy and trained student on the scripted toy-world episodes",
+        description="Generate every scripted toy-world episode with every policy (and each trained student with its "
+                    "own policy), score them with the probe's exact metrics and the generic ones, and write "
+                    "quality.json, quality.md, plots and quality.html. Finished runs are cached in OUT/quality_runs/ "
+                    "and skipped when the command is run again.")
+    p.add_argument("--policies", help="comma-separated memory policies for the default model (default: all)")
+    p.add_argument("--models", help="comma-separated models: default, context-forcing, grounded-forcing or bundle "
+                                    "folders (default: default plus every installed student)")
+    p.add_argument("--episodes", help="comma-separated episodes (default: all; with --quick a reduced set)")
+    p.add_argument("--seeds", type=int, help="seeds per episode (default 3; 1 with --quick)")
+    p.add_argument("--quick", action="store_true", help="reduced suite: 60 s block only, 1 seed, pixel features")
+    p.add_argument("--features", help="frame features: efficientnet-lite0 (default), pixels (--quick), or a model folder")
+    p.add_argument("--out", default="bench/results", help="output folder (default bench/results)")
+    p.add_argument("--window", type=float, default=5.0, help="seconds per point of the metrics over time (default 5)")
+    p.add_argument("--max-seconds", type=float, help="cut every episode to this length (smoke tests)")
+    p.add_argument("--keep-videos", action="store_true", help="keep each run's mp4 in OUT/quality_runs/")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=lambda args: __import__("tether.bench.quality", fromlist=["main"]).main(args))
 
 
 def _add_speed_parser(benchmarks) -> None:
