@@ -13,6 +13,7 @@ def add_bench_parser(subparsers) -> None:
     _add_speed_parser(benchmarks)
     _add_cost_parser(benchmarks)
     _add_quality_parser(benchmarks)
+    _add_adherence_parser(benchmarks)
 
 
 def _add_cost_parser(benchmarks) -> None:
@@ -25,6 +26,22 @@ def _add_cost_parser(benchmarks) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--json", help="write the results to this JSON file")
     p.set_defaults(run=lambda args: __import__("tether.bench.cost", fromlist=["main"]).main(args))
+
+
+def _add_adherence_parser(benchmarks) -> None:
+    p = benchmarks.add_parser(
+        "adherence", help="toy-world prompt adherence of a model (and its teacher), read by the probe",
+        description="Generate N 5 s clips from random toy-world prompts and score each stated attribute with the probe.")
+    p.add_argument("--checkpoint", help="model to test (default: the built-in model; or a shipped name or a bundle folder)")
+    p.add_argument("--teacher", help="also sample this bidirectional teacher (transformer .safetensors) on the same prompts")
+    p.add_argument("--clips", type=int, default=100, help="number of random prompts (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policy", default="window", help="the student's memory policy (default: window)")
+    p.add_argument("--teacher-steps", type=int, default=24, help="teacher Euler steps (default 24)")
+    p.add_argument("--guidance", type=float, default=3.0, help="teacher CFG scale (default 3, the DMD real score's)")
+    p.add_argument("--json", help="write the report to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=lambda args: __import__("tether.bench.adherence", fromlist=["main"]).main(args))
 
 
 def _add_quality_parser(benchmarks) -> None:

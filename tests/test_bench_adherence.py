@@ -1,0 +1,45 @@
+"""`tether bench adherence`: the scoring is right on ground truth, and the command runs end to end."""
+
+import json
+
+import numpy as np
+
+from tether.bench.adherence import ATTRIBUTES, random_prompts, score_clip, summarise
+from tether.eval import PROBE_PATH
+from tether.world import render_clip
+from tether.world.probe import load_probe
+
+from test_cli import tether
+
+
+def test_rendered_ground_truth_scores_near_perfect(one_thread):
+    # The world's own renders of the prompts are what a perfect model would make.
+    probe = load_probe(str(PROBE_PATH))
+    clips = []
+    for index, prompt in enumerate(random_prompts(6, seed=3)):
+        frames, _ = render_clip(prompt, 33, seed=index)
+        clips.append(score_clip(probe, prompt, frames))
+    summary = summarise(clips)
+    for attribute in ATTRIBUTES:
+        mean = summary["adherence"][attribute]["mean"]
+        assert mean is None or mean >= 0.9, (attribute, summary["adherence"])
+    assert summary["adherence"]["background"]["clips"] == 5  # one prompt leaves the background open
+    assert summary["identity"]["size"]["mean"] == 1.0
+
+
+def test_a_wrong_video_scores_low(one_thread):
+    probe = load_probe(str(PROBE_PATH))
+    frames, _ = render_clip("a red solid circle bounces on grass", 17, seed=0)
+    score = score_clip(probe, "a blue striped square bounces in the snow", frames)
+    assert score["adherence"]["background"] < 0.1
+    assert all(value < 0.5 for key, value in score["adherence"].items() if key != "background")
+
+
+def test_cli_writes_a_report(tmp_path):
+    out = tmp_path / "adherence.json"
+    result = tether("bench", "adherence", "--clips", "2", "--quiet", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert len(report["student"]["per_clip"]) == 2
+    assert set(report["student"]["adherence"]) == set(ATTRIBUTES)
+    assert "background" in result.stdout
