@@ -134,6 +134,8 @@ def cmd_train(args) -> int:
     from .train.config import load_config
 
     cfg = load_config(args.recipe, scale=args.scale, config=args.config, overrides=args.overrides)
+    if args.estimate_memory:
+        return _estimate_memory(args, cfg)
     if args.device:
         cfg["device"] = _device(args.device)
     out = args.out or f"runs/{args.recipe}-{args.scale}"
@@ -144,6 +146,33 @@ def cmd_train(args) -> int:
     if trainer.is_main:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
         print(f"{args.recipe}: {trainer.total_steps} steps in {out} ({summary})")
+    return 0
+
+
+def _estimate_memory(args, cfg) -> int:
+    """`tether train RECIPE --estimate-memory`: the per-GPU memory the run would need, computed, nothing trained."""
+    import json
+    import os
+
+    from .configs import CONFIGS
+    from .train.memory_estimate import RECIPES, estimate, format_estimate
+
+    if cfg["recipe"] not in RECIPES:
+        raise TetherError(f"no memory estimate for recipe '{cfg['recipe']}' (known: {', '.join(RECIPES)})")
+    nproc = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    if nproc < 1:
+        raise TetherError("--nproc must be at least 1")
+    default = {"wan1.3b": CONFIGS["wan2.1-t2v-1.3b"], "toy": CONFIGS["toy"]}.get(args.scale, CONFIGS["wan2.1-t2v-1.3b"])
+    result = estimate(cfg, world_size=nproc, mixed_precision=cfg.get("mixed_precision", "bf16") == "bf16",
+                      default_config=default)
+    print(format_estimate(result))
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump(result.to_dict(), f, indent=2)
+        except OSError as e:
+            raise TetherError(f"cannot write {args.json}: {e.strerror}") from None
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -206,6 +235,11 @@ def build_parser():
     t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     t.add_argument("--quiet", action="store_true")
     t.add_argument("--until", help="toy chain only (`tether train toy`): stop after this stage")
+    t.add_argument("--estimate-memory", action="store_true",
+                   help="print the computed per-GPU memory of this run (bf16, FSDP2 over --nproc GPUs) and exit")
+    t.add_argument("--nproc", type=int, help="with --estimate-memory: GPUs (default: $WORLD_SIZE or 1); "
+                                             "accumulation comes from the config (accumulation=8)")
+    t.add_argument("--json", help="with --estimate-memory: also write the estimate to this JSON file")
     t.set_defaults(run=cmd_train)
     s = sub.add_parser("serve", help="interactive web app: watch the video as it is generated and steer it live")
     s.add_argument("--policy", default="window", help="memory policy a new session starts with")
