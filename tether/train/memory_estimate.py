@@ -43,8 +43,9 @@ N = tokens per latent frame, 1560 at 480x832: 60x104 latents, 2x2 patches):
   RoPE fp32 copies of q and k, gate products), 11 in the activation dtype,
   the FFN hidden twice (2 x ffn_dim), the attention's keys and values over
   every key token, the prompt's cross-attention K/V (on CPU in bf16 the
-  tensors autograd really saves come to 1.05x this count); its backward
-  peaks at `BACKWARD_FACTOR` (1.25) x that (measured 1.11-1.13 on CPU).
+  tensors autograd really saves come to 1.05x this count); its recompute +
+  backward is taken to peak at `BACKWARD_FACTOR` (1.1) x that (measured 0.93
+  in bf16 on CPU; the margin is for GPU kernel workspaces).
 - Attention is SDPA with a flash/memory-efficient kernel (GPU): no
   tokens x tokens score matrix is ever stored.
 - A gradient-free forward holds, per token, the block input and the largest
@@ -100,9 +101,10 @@ GRAD_FP32_PER_TOKEN_DIM = 12
 #: ... and 11 in the activation dtype (normed inputs, q/k, attention outputs and their flattened copies);
 #: the FFN hidden is saved twice (ffn0 output, GELU output), 2 x ffn_dim per token; keys and values 2 x dim per key token.
 GRAD_ACT_PER_TOKEN_DIM = 11
-#: One block's backward peak relative to its saved tensors (weight gradients excluded: counted under FSDP).
-#: Measured on CPU in bf16 (tests/test_memory_estimate.py): 1.11-1.13; 1.25 leaves room for GPU kernel workspaces.
-BACKWARD_FACTOR = 1.25
+#: One block's recompute + backward peak relative to its saved tensors (weight gradients excluded: counted
+#: under FSDP). Measured on CPU (bench/memory_validation.py): 0.93 in bf16, 0.72 in fp32; 1.1 leaves room for
+#: the GPU kernels' workspaces (flash-attention backward, cuBLAS), which a CPU run does not have.
+BACKWARD_FACTOR = 1.1
 
 
 # ---- the models a recipe holds ---------------------------------------------------------------
@@ -606,3 +608,83 @@ def format_estimate(est: Estimate) -> str:
     for gpu, verdict in est.verdicts().items():
         lines.append(f"  {gpu:<24} {verdict}")
     return "\n".join(lines)
+
+
+# ---- the reference set-ups (issue 5: "will it fit?") --------------------------------------------------
+#: (recipe, GPUs, gradient accumulation, why this set-up). Batch per GPU: the config's (1 at Wan scale).
+REFERENCE_SETUPS = [
+    ("self-forcing", 64, 1, "Self-Forcing: batch 64 on 64 GPUs (SPEC §4)"),
+    ("cf-teacher", 8, 8, "Context Forcing on 8 GPUs x 8 accumulation (the code's batch 8 is 8 x 1)"),
+    ("cf-stage1", 8, 8, "Context Forcing on 8 GPUs x 8 accumulation: batch 64"),
+    ("cf-stage2", 8, 8, "Context Forcing on 8 GPUs x 8 accumulation: batch 64"),
+    ("teacher", 8, 1, "bidirectional teacher, one node"),
+    ("ode-init", 8, 1, "ODE init, one node"),
+    ("gf-stage1", 32, 2, "Grounded Forcing: 32 GPUs (paper) x the config's accumulation 2"),
+    ("gf-stage2", 32, 2, "Grounded Forcing: 32 GPUs (paper) x the config's accumulation 2"),
+]
+
+
+def reference_estimates(scale: str = "wan1.3b") -> list:
+    from .config import load_config
+
+    return [(estimate(load_config(recipe, scale=scale), world, accumulation=accumulation), why)
+            for recipe, world, accumulation, why in REFERENCE_SETUPS]
+
+
+def markdown_table(estimates: list) -> str:
+    """The README's table: one row per set-up, the peak phase's three largest parts, a verdict per GPU size."""
+    gpus = list(GPUS)
+    head = ("| recipe | GPUs x accumulation (global batch) | peak / GPU | peak phase | largest parts | "
+            + " | ".join(g.split(" (")[0] for g in gpus) + " |")
+    rows = [head, "|" + "---|" * (5 + len(gpus))]
+    for est, _ in estimates:
+        peak = est.peak_training
+        parts = sorted(peak.items, key=lambda i: -i.bytes)[:3]
+        verdicts = []
+        for gpu in gpus:
+            cap = GPUS[gpu]
+            need = est.peak.bytes / GIB
+            verdicts.append("yes" if need <= 0.95 * cap else "tight" if need <= cap else "**no**")
+        setup = est.peak is not peak
+        rows.append(f"| `{est.recipe}` | {est.world_size} x {est.accumulation} "
+                    f"({est.batch_per_rank * est.world_size * est.accumulation}) | "
+                    f"**{peak.bytes / GIB:.1f} GiB**" + (f" (setup {est.peak.bytes / GIB:.1f})" if setup else "")
+                    + f" | {peak.name} | " + "; ".join(f"{i.what.split(' (')[0]} {i.gib:.1f}" for i in parts)
+                    + " | " + " | ".join(verdicts) + " |")
+    return "\n".join(rows)
+
+
+def _main(argv=None) -> int:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m tether.train.memory_estimate",
+                                description="Computed per-GPU memory of the reference training set-ups.")
+    p.add_argument("--scale", default="wan1.3b")
+    p.add_argument("--out", help="write OUT.json (every set-up, every phase) and OUT.md (tables)")
+    args = p.parse_args(argv)
+    estimates = reference_estimates(args.scale)
+    for est, why in estimates:
+        print(f"# {why}")
+        print(format_estimate(est))
+        print()
+    table = markdown_table(estimates)
+    print(table)
+    if args.out:
+        payload = {"computed_not_measured": True, "scale": args.scale,
+                   "setups": [{"why": why, **est.to_dict()} for est, why in estimates]}
+        Path(f"{args.out}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        details = "\n\n".join(f"### {why}\n\n```\n{format_estimate(est)}\n```" for est, why in estimates)
+        Path(f"{args.out}.md").write_text(
+            f"# Per-GPU memory at Wan scale ({args.scale}): computed, not measured\n\n"
+            f"Written by `python -m tether.train.memory_estimate --out {args.out}` (`tether/train/memory_estimate.py`,"
+            f" whose docstring lists every assumption). No GPU was used: these are computed estimates.\n"
+            f"'peak / GPU' is the largest phase once training runs; 'setup' is the moment a frozen model's fp32 copy"
+            f" is on the GPU before its bf16 cast. Verdicts use the larger of the two against 95 % of the card's usable"
+            f" memory ({', '.join(f'{k}: {v} GiB' for k, v in GPUS.items())}).\n\n{table}\n\n{details}\n")
+        print(f"wrote {args.out}.json and {args.out}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
