@@ -81,7 +81,9 @@ def _markdown(header, body) -> list:
 def _block_caption(summary: dict, block: str) -> str:
     episodes = sorted({r["episode"] for r in summary["runs"] if r["block"] == block},
                       key=summary["episodes"].index)
-    return f"{block} block: episodes {', '.join(episodes)}; seeds {', '.join(map(str, summary['seeds']))}"
+    seeds = summary["seeds"]
+    return (f"{block} block: episodes {', '.join(episodes)}; {len(seeds)} seed{'s' if len(seeds) > 1 else ''} "
+            f"({', '.join(map(str, seeds))})")
 
 
 def markdown(summary: dict) -> str:
