@@ -65,7 +65,7 @@ def run_step(recipe, model, latent, frames, tmp, backward=True) -> dict:
             loss, _ = dmd_loss(window, real, fake, timesteps, noise, r.guidance, segments)
             if backward:
                 loss.backward()
-        names = ("generator rollout + DMD scoring", "generator backward") if backward else ("generator rollout + DMD scoring",)
+        names = ("generator rollout", "generator DMD scoring") + (("generator backward",) if backward else ())
     else:
         trainer.optimizer_step = lambda name, step: 0.0
         r.step(0)  # allocates cf-teacher's error bank (host memory on a GPU run)

@@ -199,6 +199,7 @@ class ModelCounts:
     total: int  # every parameter of the model
     trainable: int
     block: int  # the largest block's parameters (an FSDP unit)
+    block_trainable: int  # of which trainable (LoRA: the adapters)
     root: int  # parameters outside the blocks (the root FSDP unit)
     shard_total: int  # rank 0's share of every parameter (sharded or not, see `sharded`)
     shard_trainable: int
@@ -209,16 +210,18 @@ def count(plan: ModelPlan, world: int) -> ModelCounts:
     shapes = parameter_shapes(plan.config, plan.lora if plan.trainable else None)
     sharded = plan.trainable and world > 1
     w = world if sharded else 1
-    blocks = {}
-    for name, shape, _ in shapes:
+    blocks, blocks_trainable = {}, {}
+    for name, shape, requires_grad in shapes:
         if name.startswith("blocks."):
             key = name.split(".")[1]
             blocks[key] = blocks.get(key, 0) + math.prod(shape)
+            blocks_trainable[key] = blocks_trainable.get(key, 0) + (math.prod(shape) if requires_grad else 0)
     trainable = [(s, g) for _, s, g in shapes]
     return ModelCounts(
         total=sum(math.prod(s) for s, _ in trainable),
         trainable=sum(math.prod(s) for s, g in trainable if g) if plan.trainable else 0,
         block=max(blocks.values(), default=0),
+        block_trainable=max(blocks_trainable.values(), default=0) if plan.trainable else 0,
         root=sum(math.prod(s) for n, s, _ in shapes if not n.startswith("blocks.")),
         shard_total=sum(shard_numel(s, w) for s, _ in trainable),
         shard_trainable=sum(shard_numel(s, w) for s, g in trainable if g) if plan.trainable else 0,
@@ -427,7 +430,8 @@ def estimate(cfg: dict, world_size: int = 1, accumulation: int | None = None, mi
             gathered = (2 * c.block + c.root) * act
             items = [Item(f"{name}: all-gathered bf16 weights (2 blocks + root)", gathered, "fsdp")]
             if backward:
-                items.append(Item(f"{name}: one block's unsharded grads + fp32 reduce-scatter copy", c.block * (act + 4), "fsdp"))
+                items.append(Item(f"{name}: one block's unsharded grads + fp32 reduce-scatter copy", c.block_trainable * (act + 4),
+                                  "fsdp"))
             return items
         if plan.trainable and mixed_precision:
             return [Item(f"{name}: autocast bf16 weight copies (one GPU)", 2 * c.total, "fsdp")]
@@ -464,7 +468,7 @@ def estimate(cfg: dict, world_size: int = 1, accumulation: int | None = None, mi
         """A forward with gradients, then its backward: every block input is alive while the last block is
         recomputed; the parameter gradients fill in as the backward proceeds and the block inputs go."""
         c = counts[name]
-        one_block = 4 * (math.ceil(c.block / world) if c.sharded else c.block)
+        one_block = 4 * (math.ceil(c.block_trainable / world) if c.sharded else c.block_trainable)
         return [
             Phase(f"{label} forward + backward", persistent + list(extra) + grads(name, False) + working(name, True)
                   + [Item(f"{name} gradients of the first block done", one_block, "state"), kept,
@@ -531,8 +535,10 @@ def estimate(cfg: dict, world_size: int = 1, accumulation: int | None = None, mi
         grad_chunks = [k for k in range(chunks) if k * chunk >= grad_start]
         layout = [min(k * chunk, max_frames) for k in range(chunks)]
         views = sum(layout[k] for k in grad_chunks)
+        # frames the kept views' layouts reference, plus the last chunk the policy commits: evicted frames
+        # stay alive while a kept view still lists them
         union = min(grad_chunks[-1] * chunk, max_frames + (len(grad_chunks) - 1) * chunk) if grad_chunks else 0
-        cache_alive = max(union, min(chunks * chunk, max_frames))
+        cache_alive = min(chunks * chunk, max(union + chunk, max_frames))
         q_chunk = chunk * tokens_per_frame
         kept, work = grad_forward(student, q_chunk, q_chunk + layout[grad_chunks[-1]] * tokens_per_frame)
         rollout_items = [
@@ -550,7 +556,14 @@ def estimate(cfg: dict, world_size: int = 1, accumulation: int | None = None, mi
                        f"{context + target} frames (no grad)", max(real_pass, fake_pass), "activations")
         gen_accum = grads("generator", False)
         autocast_cache = [] if counts["generator"].sharded else working("generator")  # one GPU: lives all step
-        phases.append(Phase("generator rollout + DMD scoring", persistent + gen_accum + autocast_cache + rollout_items + [scoring]))
+        fsdp_generator = working("generator") if counts["generator"].sharded else []
+        commit = Item("commit pass: one chunk's captured K/V and its cached copy", 2 * chunk * kv, "kv")
+        rollout_chunk = Item(f"generator forward of one chunk ({q_chunk} tokens, the layer's past K/V)",
+                             nograd_forward_bytes(student, q_chunk, batch, act, key_tokens=(max_frames + chunk) * tokens_per_frame),
+                             "activations")
+        phases.append(Phase("generator rollout", persistent + gen_accum + autocast_cache + fsdp_generator
+                            + rollout_items + [max(commit, rollout_chunk, key=lambda i: i.bytes)]))
+        phases.append(Phase("generator DMD scoring", persistent + gen_accum + autocast_cache + rollout_items + [scoring]))
         phases.append(Phase("generator backward", persistent + grads("generator", True) + working("generator", True)
                             + rollout_items + [Item("one block recomputed in backward (+ grad buffers)", work, "activations")]))
         phases.append(Phase("generator optimizer step", persistent + grads("generator", True)[:1] + [
