@@ -105,6 +105,28 @@ def decode_without_clamp(vae, latents: torch.Tensor) -> torch.Tensor:
     return torch.cat(frames, 2)
 
 
+def kaiming_init(vae, seed: int = 0) -> None:
+    """Re-initialise every convolution: He-normal weights (ReLU gain), zero biases.
+
+    PyTorch's default conv init (uniform, gain 1/sqrt(3)) plus its random
+    biases makes this architecture nearly blind to its input at the start:
+    every RMS norm divides out the shrinking signal and keeps the constant the
+    biases add. Measured on 6 world clips: the posterior means of different
+    clips have cosine 0.87 (between-clip std of channel means 0.017), and
+    training on random clips then stays at the dataset's mean frame (13-15 dB
+    for 1,200+ steps). With this init the cosine is 0.14 (std 0.27) and the
+    decoder has a latent worth reading from the first step.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for module in vae.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            fan_in = module.weight[0].numel()
+            with torch.no_grad():
+                module.weight.normal_(0.0, math.sqrt(2.0 / fan_in), generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+
+
 @register_recipe
 class VAE(Recipe):
     name = "vae"
@@ -113,6 +135,8 @@ class VAE(Recipe):
         cfg = self.cfg
         source = str(cfg.get("model", {}).get("source", "toy"))
         vae = load_vae(source, fast_cpu_convolutions=False)  # a folder fine-tunes a trained VAE
+        if cfg.get("model", {}).get("init") == "kaiming" and not Path(source).exists():
+            kaiming_init(vae, seed=int(cfg.get("seed", 0)))
         self.vae = self.trainer.add_model("vae", vae.float().train().requires_grad_(True), ema=cfg.get("ema"),
                                           ema_start=cfg.get("ema_start", 0))
         opt = cfg.get("optimizer", {})
