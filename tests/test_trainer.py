@@ -58,15 +58,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_fsdp2_matches_one_process(tmp_path):
-    common = ["teacher", *TINY, "steps=3", "--out"]
-    one = subprocess.run([sys.executable, "-m", "tether", "train", *common[:1], *TINY, "steps=3", "batch_size=4",
+# teacher: one trainable model; self-forcing: a trainable generator and critic beside a frozen
+# real score, which is sharded as well (generator_every=2 so the generator's update is in the 3 steps).
+@pytest.mark.parametrize("recipe, extra", [("teacher", []), ("self-forcing", ["generator_every=2"])])
+def test_two_process_fsdp2_matches_one_process(tmp_path, recipe, extra):
+    one = subprocess.run([sys.executable, "-m", "tether", "train", recipe, *TINY, *extra, "steps=3", "batch_size=4",
                           "--out", str(tmp_path / "one"), "--quiet", "--device", "cpu"],
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(_free_port()), "-m", "tether", "train", "teacher", *TINY, "steps=3", "batch_size=2",
+                          str(_free_port()), "-m", "tether", "train", recipe, *TINY, *extra, "steps=3", "batch_size=2",
                           "--out", str(tmp_path / "two"), "--quiet", "--device", "cpu"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]

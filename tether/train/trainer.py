@@ -137,13 +137,18 @@ class Trainer:
     # ---- what recipes register -------------------------------------------
     def add_model(self, name: str, module, trainable: bool = True, ema: float | None = None, ema_start: int = 0):
         """Move, shard and register a model; returns the module to use."""
+        if not trainable:
+            module.requires_grad_(False).eval()
+            if self.mixed_precision:
+                module.to(torch.bfloat16)  # cast before the move: a 14B score's fp32 copy would not fit on the GPU
         module = module.to(self.device)
         if self.activation_checkpointing and hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = trainable
         if not trainable:
-            module.requires_grad_(False).eval()
-            if self.mixed_precision:
-                module.to(torch.bfloat16)
+            if self.world_size > 1:
+                # Frozen scores are sharded too: whole, a 14B real score is 26.6 GiB on every GPU;
+                # sharded, each block is gathered only while it runs.
+                module = self._shard(module)
         elif self.world_size > 1:
             module = self._shard(module)
             self.sharded.add(name)
