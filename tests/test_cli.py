@@ -24,6 +24,18 @@ def test_generate_end_to_end_with_a_switch(tmp_path):
     assert "wrote" in result.stdout
 
 
+def test_generate_saves_a_frame_strip(tmp_path):
+    import matplotlib.image
+
+    strip = tmp_path / "strip.png"
+    result = tether("generate", "--prompt", "a red circle bounces on grass", "--seconds", "2.25", "--strip", str(strip),
+                    "--strip-every", "1", "--quiet", "-o", str(tmp_path / "v.mp4"))
+    assert result.returncode == 0, result.stderr
+    image = matplotlib.image.imread(strip)
+    # 33 frames at 16 fps: frames 0, 16 and 32, each 64 px wide, with 2 px gaps
+    assert image.shape[:2] == (64, 3 * 64 + 2 * 2)
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -38,6 +50,8 @@ def test_generate_end_to_end_with_a_switch(tmp_path):
         (["--prompt", "x", "--switch", "sideways"], "unknown switch"),
         (["--prompt", "x", "--policy", "slow-fast", "--policy-opt", "colour=blue"], "bad options"),
         (["--prompt", "x", "--policy-opt", "novalue"], "KEY=VALUE"),
+        (["--prompt", "x", "--strip", "/no/such/dir/s.png"], "/no/such/dir"),
+        (["--prompt", "x", "--strip", "s.png", "--strip-every", "0"], "positive"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tmp_path, args, fragment):

@@ -86,16 +86,46 @@ def _generate_video(args) -> int:
     if args.switch:
         make_switch_rule(args.switch)
     check_writable(args.output)
+    if args.strip:
+        check_writable(args.strip)
+        if args.strip_every <= 0:
+            raise TetherError("--strip-every must be positive")
     pipe = load_from_args(args)
     if args.verbose:
         print(f"model: {pipe.description}", file=sys.stderr)
+    strip = FrameStrip(args.strip_every * pipe.fps) if args.strip else None
     started = time.perf_counter()
     frames_done = write_video(pipe, timeline, args.output, policy=args.policy, seed=args.seed, switch=args.switch,
-                              policy_options=policy_options, progress=not args.quiet)
+                              policy_options=policy_options, progress=not args.quiet,
+                              on_frames=strip.add if strip else None)
     elapsed = time.perf_counter() - started
+    if strip:
+        strip.save(args.strip)
     print(f"wrote {args.output}: {frames_done} frames ({frames_done / pipe.fps:.1f} s of video) in {elapsed:.1f} s, "
           f"{frames_done / elapsed:.1f} frames/s, policy {args.policy}, {pipe.description}")
     return 0
+
+
+class FrameStrip:
+    """Every `every`-th frame of a video, side by side: a video's story in one PNG."""
+
+    def __init__(self, every: float):
+        self.every = max(1, round(every))
+        self.frames = []
+
+    def add(self, first: int, frames) -> None:
+        self.frames += [frames[i - first] for i in range(first, first + len(frames)) if i % self.every == 0]
+
+    def save(self, path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.image
+        import numpy as np
+
+        gap = np.full((self.frames[0].shape[0], 2, 3), 255, dtype=np.uint8)
+        row = np.concatenate([part for frame in self.frames for part in (frame, gap)][:-1], axis=1)
+        matplotlib.image.imsave(path, row)
 
 
 def write_video(pipe, timeline, output, policy="window", seed=0, switch=None, policy_options=None,
@@ -218,6 +248,8 @@ def build_parser():
     g.add_argument("--switch", help="switch rule at prompt changes: text-reset, kv-recache, kv-flush, apr "
                                     "(default: the policy's own)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--strip", metavar="PNG", help="also save a frame strip of the video (one frame every --strip-every s)")
+    g.add_argument("--strip-every", type=float, default=5.0, metavar="SECONDS", help="frame strip spacing (default 5 s)")
     g.add_argument("-o", "--output", required=True, help="output .mp4")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--verbose", action="store_true")
