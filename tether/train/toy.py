@@ -31,7 +31,7 @@ RECIPE_STAGES = ("vae", "teacher", "ode-init", "self-forcing")
 # The toy transformer (tether.configs.CONFIGS["toy"]) reads 32 text tokens of width 128.
 DEFAULTS = {
     "text": {"dim": 128, "layers": 2, "heads": 4, "text_len": 32, "seed": 0},
-    "dataset": {"clips": 2000, "frames": 81, "size": 64, "seed": 0, "batch_size": 4},
+    "dataset": {"clips": 1200, "frames": 81, "size": 64, "seed": 0, "batch_size": 4},
     "vae": {"shipped": True},
 }
 
