@@ -1,6 +1,12 @@
 """The per-GPU memory estimate: exact model-state accounting against a real trainer, its scaling, the CLI."""
 
 import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -65,8 +71,64 @@ def test_model_state_bytes_match_a_real_trainer_exactly(tmp_path, one_thread, re
         assert estimated[key] == size, key
     if recipe == "cf-teacher":  # LoRA: the base is frozen inside the trained model, the adapters alone step
         assert 0 < measured[("model", "moments")] < measured[("model", "weights")] / 4
-    if recipe == "self-forcing":  # the real score is frozen: weights only, whole on every rank
+    if recipe == "self-forcing":  # the real score is frozen: weights only, whole with one process
         assert ("real_score", "moments") not in measured and ("real_score", "weights") in estimated
+
+
+TWO_RANKS = textwrap.dedent("""
+    import json, sys, tempfile
+    from torch.distributed.tensor import DTensor
+    from tether.train import Trainer
+    from tether.train.config import load_config
+
+    cfg = load_config("self-forcing", overrides=json.loads(sys.argv[1]))
+    trainer = Trainer(cfg, tempfile.mkdtemp(), progress=False)
+    trainer.recipe.setup()
+    for step in range(2):  # generator_every=1: the real score scores, the critic trains
+        trainer.recipe.step(step)
+    local = lambda p: p._local_tensor if isinstance(p, DTensor) else p
+    if trainer.rank == 0:
+        out = {}
+        for name, model in trainer.models.items():
+            params = dict(model.named_parameters())
+            out[name] = {"bytes": sum(local(p).numel() * local(p).element_size() for p in params.values()),
+                         "root_gathered": all(not isinstance(p, DTensor) for n, p in params.items() if not n.startswith("blocks.")),
+                         "blocks_sharded": all(isinstance(p, DTensor) for n, p in params.items() if n.startswith("blocks."))}
+        open(sys.argv[2], "w").write(json.dumps(out))
+""")
+
+
+def test_two_ranks_hold_the_estimated_shards_of_trained_and_frozen_models(tmp_path):
+    """A real 2-process FSDP2 trainer (CPU, gloo, fp32): each model's rank-0 bytes after two steps, exactly."""
+    overrides = TINY + ["generator_every=1"]
+    (tmp_path / "worker.py").write_text(TWO_RANKS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                          str(tmp_path / "worker.py"), json.dumps(overrides), str(tmp_path / "out.json")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    measured = json.loads((tmp_path / "out.json").read_text())
+    est = me.estimate(load_config("self-forcing", overrides=overrides), world_size=2, mixed_precision=False,
+                      default_config=CONFIGS["tiny"])
+    state = {i.what: i.bytes for i in est.phases[-1].items}
+    assert est.models["real_score"]["sharded"] and "real_score weights, fp32 (frozen, sharded 1/2)" in state
+    root_shapes = [s for n, s, _ in me.parameter_shapes(CONFIGS["tiny"]) if not n.startswith("blocks.")]
+    gathered_root = 4 * sum(math.prod(s) for s in root_shapes) - 4 * sum(me.shard_numel(s, 2) for s in root_shapes)
+    # the frozen score: no backward ever reshards its root after its forward; the generator: its gradient-free
+    # rollout for the critic leaves its root gathered until its own next backward; the critic: resharded by its backward
+    assert {name: got["root_gathered"] for name, got in measured.items()} == \
+        {"generator": True, "real_score": True, "critic": False}
+    assert state["real_score: root weights left all-gathered after its first forward (fp32)"] == \
+        4 * sum(math.prod(s) for s in root_shapes)
+    critic_phase = {i.what for i in next(p for p in est.phases if p.name == "critic forward + backward").items}
+    assert "generator: root weights still gathered after the critic's rollout (fp32)" in critic_phase
+    for name, got in measured.items():
+        assert got["blocks_sharded"], name
+        weights = next(b for what, b in state.items() if what.startswith(f"{name} weights"))
+        assert got["bytes"] == weights + (gathered_root if got["root_gathered"] else 0), name
 
 
 def test_fsdp_shards_split_dim_zero_like_fully_shard():
@@ -88,10 +150,37 @@ def test_sharded_state_halves_when_the_world_doubles():
     for what, size in items(small, "sharded 1/16").items():
         halved = items(large, "sharded 1/32")[what.replace("1/16", "1/32")]
         assert halved == pytest.approx(size / 2, rel=0.01), what
-    # the frozen 14B real score is not sharded: every rank holds all of it, whatever the world size
-    frozen = items(small, "real_score weights")
-    assert frozen == items(large, "real_score weights")
-    assert list(frozen.values())[0] == 2 * me.count(me.ModelPlan("r", CONFIGS["wan2.1-t2v-14b"], False), 1).total
+    # the frozen 14B real score is sharded like the trained models (Trainer.add_model): bf16, 1/world per rank
+    score = CONFIGS["wan2.1-t2v-14b"]
+    frozen_small = items(small, "real_score weights, bf16 (frozen, sharded 1/16)")
+    frozen_large = items(large, "real_score weights, bf16 (frozen, sharded 1/32)")
+    assert len(frozen_small) == len(frozen_large) == 1
+    (small_bytes,), (large_bytes,) = frozen_small.values(), frozen_large.values()
+    assert small_bytes == 2 * me.count(me.ModelPlan("r", score, False), 16).shard_total
+    assert large_bytes == pytest.approx(small_bytes / 2, rel=0.01)
+    whole = 2 * me.count(me.ModelPlan("r", score, False), 1).total
+    assert small_bytes == pytest.approx(whole / 16, rel=0.01)
+    # while it scores, each rank also holds two of its blocks all-gathered (and its root, gathered since its first
+    # forward); it has no gradients
+    scoring = {i.what: i.bytes for i in next(p for p in large.phases if p.name == "generator DMD scoring").items}
+    block = me.count(me.ModelPlan("r", score, False), 32).block
+    assert scoring["real_score: all-gathered bf16 weights (2 blocks)"] == 2 * 2 * block
+    assert not any(what.startswith("real_score gradients") for what in items(large, "real_score"))
+    # one process: whole
+    single = items(me.estimate(wan("self-forcing"), 1), "real_score weights")
+    assert list(single.values()) == [whole] and "real_score weights, bf16 (frozen, whole)" in single
+
+
+def test_setup_moves_a_frozen_score_already_cast_and_a_trained_model_in_fp32():
+    score = me.count(me.ModelPlan("r", CONFIGS["wan2.1-t2v-14b"], False), 1).total
+    setup = next(p for p in me.estimate(wan("self-forcing"), 64).phases if p.name == "setup")
+    moved = [i for i in setup.items if "moved to the GPU" in i.what]
+    assert [i.what for i in moved] == ["real_score: whole bf16 (cast on the CPU) copy moved to the GPU before sharding"]
+    assert moved[0].bytes == 2 * score  # no fp32 copy of the 14B score on the GPU any more
+    teacher = next(p for p in me.estimate(wan("teacher"), 8).phases if p.name == "setup")
+    model = me.count(me.ModelPlan("m", CONFIGS["wan2.1-t2v-1.3b"], True), 8).total
+    assert any(i.what == "model: whole fp32 copy moved to the GPU before sharding" and i.bytes == 4 * model
+               for i in teacher.items)
 
 
 def test_accumulation_does_not_change_the_peak_beyond_the_first_unsharded_gradient_copy():
@@ -117,7 +206,8 @@ def test_more_grad_frames_and_longer_clips_need_more_activation_memory():
 
 def test_the_reference_setups_are_counted_as_the_code_runs_them():
     sf = me.estimate(wan("self-forcing"), 64)
-    assert sf.models["real_score"]["config"] == "wan2.1-t2v-14b" and not sf.models["real_score"]["sharded"]
+    assert sf.models["real_score"]["config"] == "wan2.1-t2v-14b" and sf.models["real_score"]["sharded"]
+    assert sf.models["real_score"]["role"] == "frozen" and sf.models["real_score"]["trainable"] == 0
     assert sf.assumptions["tokens_per_latent_frame"] == 1560
     assert any("attention views kept for backward (7 grad chunks" in what for what in items(sf, "views"))
     teacher = me.estimate(wan("cf-teacher"), 8, accumulation=8)

@@ -17,8 +17,22 @@ real trainer by `tests/test_memory_estimate.py`):
   parameters inside a trainable model (cf-teacher's LoRA base) are sharded
   weights without gradients or moments. With one process nothing is sharded.
 - EMA: an fp32 copy of the trainable parameters, on each rank's own shard.
-- Frozen models (DMD real scores, the ode-init teacher) are NOT sharded: every
-  rank holds the whole model, in bf16 under mixed precision (GPU), else fp32.
+- Frozen models (DMD real scores, the ode-init teacher) are cast to bf16 under
+  mixed precision (GPU; else they stay fp32) and, when world_size > 1, sharded
+  by FSDP2 exactly like trainable models (`Trainer._shard`: each block, then
+  the root): every rank holds its ceil(rows / world) rows of each bf16
+  parameter, no gradients, no moments. While one runs (DMD scoring, the
+  ode-init teacher's trajectory) it has the same FSDP2 working buffers as a
+  trainable model's forward (below); it never runs backward. One difference
+  follows from that: `fully_shard`'s default leaves the *root* unit (the
+  non-block weights: 0.43 GiB bf16 at 14B) unsharded after forward, since a
+  backward would need it at once, and only the post-backward callback
+  reshards it; a frozen model has no backward, so from its first forward on
+  its root weights stay gathered, counted as resident. (A trainable model's
+  root likewise stays gathered after a gradient-free forward until its own
+  next backward: the generator's, through the critic's update.) With one
+  process the frozen model is whole. Checked exactly against a real
+  2-process trainer (CPU, gloo) by `tests/test_memory_estimate.py`.
 - AdamW's `step` counters are CPU scalars (not GPU memory); the optimiser step
   itself (foreach) allocates ~2 fp32 temporaries of the trained shard.
 - Gradient accumulation with world_size > 1: micro-batches before the last run
@@ -29,9 +43,11 @@ real trainer by `tests/test_memory_estimate.py`):
 - One GPU with mixed precision: fp32 weights with autocast, which caches a bf16
   copy of every trainable weight it uses until the step's autocast region ends.
 - FSDP2 working buffers: the bf16 unsharded weights of two blocks (the one
-  computing and the one prefetched) plus the root's non-block weights; in
-  backward also one block's unsharded bf16 gradients and their fp32 copy for
-  the reduce-scatter.
+  computing and the one prefetched) plus the root's non-block weights, for a
+  trainable or a frozen model alike (a frozen model's root is already
+  gathered, above); in backward (trainable models only) also
+  one block's unsharded bf16 gradients and their fp32 copy for the
+  reduce-scatter.
 
 Activations (bf16 under mixed precision, fp32 otherwise; B = per-rank batch;
 N = tokens per latent frame, 1560 at 480x832: 60x104 latents, 2x2 patches):
@@ -66,7 +82,8 @@ N = tokens per latent frame, 1560 at 480x832: 60x104 latents, 2x2 patches):
 - DMD scoring runs while the generator's rollout graph is alive: the real
   score with CFG sees batch 2B (cond | uncond), the critic batch B, over the
   judged window (21 frames; cf-stage2 adds up to 21 context frames: sink 3 +
-  slow 12 + motion 6). One score runs at a time.
+  slow 12 + motion 6). One score runs at a time, with its FSDP2 working
+  buffers (on several GPUs) on top of its activations.
 - Text: recipes take precomputed umt5-xxl embeddings ([B, 512, 4096]); no
   recipe keeps the text encoder (5.7B parameters) or the VAE on the GPU, so
   neither is counted. cf-teacher's error bank lives in host memory (reported
@@ -79,10 +96,12 @@ Not counted: the CUDA context, NCCL and allocator fragmentation are a fixed
 an upper bound within each phase (a phase's live tensors are added at their
 largest, e.g. the whole rollout graph while the first block is recomputed).
 
-Setup: `Trainer.add_model` moves a model to the GPU in fp32 before casting a
-frozen model to bf16 or sharding a trainable one, so loading puts each
-model's full fp32 copy on the GPU for a moment (a 14B real score: 57 GB).
-That transient is the `setup` phase.
+Setup: `Trainer.add_model` moves a trainable model to the GPU whole, in
+fp32, before sharding it, so loading puts its full fp32 copy on the GPU for a
+moment. A frozen model is cast to bf16 on the CPU first (under mixed
+precision), then moved whole and sharded: its full *bf16* copy is on the GPU
+for a moment (a 14B real score: 26.6 GiB; no fp32 copy any more). The largest
+such transient, over the models already placed, is the `setup` phase.
 """
 
 from __future__ import annotations
@@ -212,7 +231,7 @@ class ModelCounts:
 
 def count(plan: ModelPlan, world: int) -> ModelCounts:
     shapes = parameter_shapes(plan.config, plan.lora if plan.trainable else None)
-    sharded = plan.trainable and world > 1
+    sharded = world > 1  # Trainer.add_model shards trainable and frozen models alike on several ranks
     w = world if sharded else 1
     blocks, blocks_trainable = {}, {}
     for name, shape, requires_grad in shapes:
@@ -403,7 +422,11 @@ def estimate(cfg: dict, world_size: int = 1, accumulation: int | None = None, mi
                 persistent.append(Item(f"{plan.name} EMA, fp32 ({where})", 4 * c.shard_trainable, "state"))
         else:
             dtype = "bf16" if mixed_precision else "fp32"
-            persistent.append(Item(f"{plan.name} weights, {dtype} (frozen: every rank holds all)", weight_frozen * c.total, "state"))
+            where = f"frozen, sharded 1/{world}" if c.sharded else "frozen, whole"
+            persistent.append(Item(f"{plan.name} weights, {dtype} ({where})", weight_frozen * c.shard_total, "state"))
+            if c.sharded:  # FSDP2 keeps the root unit gathered after forward; only a backward would reshard it
+                persistent.append(Item(f"{plan.name}: root weights left all-gathered after its first forward ({dtype})",
+                                       weight_frozen * c.root, "fsdp"))
     if recipe == "ode-init":
         ode = cfg.get("ode") or {}
         if ode.get("pool"):
@@ -422,7 +445,7 @@ def estimate(cfg: dict, world_size: int = 1, accumulation: int | None = None, mi
         if backward:
             where = f"sharded 1/{world}" if c.sharded else "unsharded"
             items.append(Item(f"{name} gradients, fp32 ({where})", 4 * c.shard_trainable, "state"))
-        if c.sharded and accumulation > 1:
+        if c.sharded and c.trainable and accumulation > 1:
             items.append(Item(f"{name} unsharded fp32 gradients kept between micro-batches (FSDP2 no-sync)",
                               4 * c.trainable, "state"))
         return items
@@ -430,10 +453,13 @@ def estimate(cfg: dict, world_size: int = 1, accumulation: int | None = None, mi
     def working(name: str, backward: bool = False) -> list:
         """FSDP2 unsharded buffers (or the autocast weight cache on one GPU) while `name` computes."""
         plan, c = by_name[name], counts[name]
+        if c.sharded and not plan.trainable:  # its root stays gathered all run (counted with the weights)
+            return [Item(f"{name}: all-gathered {'bf16' if mixed_precision else 'fp32'} weights (2 blocks)",
+                         2 * c.block * (act if mixed_precision else 4), "fsdp")]
         if c.sharded:
             gathered = (2 * c.block + c.root) * act
             items = [Item(f"{name}: all-gathered bf16 weights (2 blocks + root)", gathered, "fsdp")]
-            if backward:
+            if backward and plan.trainable:
                 items.append(Item(f"{name}: one block's unsharded grads + fp32 reduce-scatter copy", c.block_trainable * (act + 4),
                                   "fsdp"))
             return items
@@ -443,17 +469,21 @@ def estimate(cfg: dict, world_size: int = 1, accumulation: int | None = None, mi
 
     phases = []
 
-    # -- setup: each model's fp32 copy arrives on the GPU before it is cast or sharded -------------------
+    # -- setup: each model arrives on the GPU whole before it is sharded: a trainable one in fp32, a frozen one
+    # already cast on the CPU (bf16 under mixed precision) ----------------------------------------------
     setup_worst, held = None, 0
     for plan in plans:
         c = counts[plan.name]
-        moment = held + 4 * c.total
+        whole = (4 if plan.trainable else weight_frozen) * c.total
+        moment = held + whole
         if setup_worst is None or moment > setup_worst[1]:
-            setup_worst = (plan.name, moment, held)
-        held += 4 * c.shard_total if plan.trainable else weight_frozen * c.total
-    name, _, before = setup_worst
+            setup_worst = (plan.name, whole, held, plan.trainable)
+        held += (4 if plan.trainable else weight_frozen) * c.shard_total
+    name, whole, before, trainable = setup_worst
+    copy = "fp32" if trainable or not mixed_precision else "bf16 (cast on the CPU)"
     phases.append(Phase("setup", [Item("models already placed", before, "state"),
-                                  Item(f"{name}: full fp32 copy moved to the GPU before cast/shard", 4 * counts[name].total, "state")]
+                                  Item(f"{name}: whole {copy} copy moved to the GPU before "
+                                       f"{'sharding' if counts[name].sharded else 'use'}", whole, "state")]
                         + ([persistent[-1]] if mixed_precision else [])))
 
     ckpt = bool(cfg.get("activation_checkpointing", False))
@@ -509,7 +539,7 @@ def estimate(cfg: dict, world_size: int = 1, accumulation: int | None = None, mi
         guidance = float((cfg.get("ode") or {}).get("guidance", 5.0))
         copies = 1 if guidance == 1 else 2
         teacher = by_name["teacher"].config
-        phases.append(Phase("teacher ODE trajectory (no grad)", persistent + grads("generator", False) + [
+        phases.append(Phase("teacher ODE trajectory (no grad)", persistent + grads("generator", False) + working("teacher") + [
             Item(f"teacher forward, batch {copies}B x {tokens} tokens (no grad)",
                  nograd_forward_bytes(teacher, tokens, copies * batch, act), "activations")]))
         kept, work = grad_forward(student, tokens, tokens)
@@ -555,9 +585,15 @@ def estimate(cfg: dict, world_size: int = 1, accumulation: int | None = None, mi
         guidance = float(cfg.get("guidance", 3.0))
         real, critic = by_name["real_score"].config, by_name["critic"].config
         real_pass = nograd_forward_bytes(real, score_tokens, (2 if guidance else 1) * batch, act)
-        fake_pass = nograd_forward_bytes(critic, score_tokens, batch, act) + sum(i.bytes for i in working("critic"))
-        scoring = Item(f"{'real score (CFG, batch 2B)' if real_pass >= fake_pass else 'critic'} forward over "
-                       f"{context + target} frames (no grad)", max(real_pass, fake_pass), "activations")
+        fake_pass = nograd_forward_bytes(critic, score_tokens, batch, act)
+        real_all = real_pass + sum(i.bytes for i in working("real_score"))
+        fake_all = fake_pass + sum(i.bytes for i in working("critic"))
+        if real_all >= fake_all:  # one score runs at a time: the larger, with its FSDP2 working buffers
+            scoring = [Item(f"real score ({'CFG, batch 2B' if guidance else 'batch B'}) forward over "
+                            f"{context + target} frames (no grad)", real_pass, "activations")] + working("real_score")
+        else:
+            scoring = [Item(f"critic forward over {context + target} frames (no grad)", fake_pass, "activations")
+                       ] + working("critic")
         gen_accum = grads("generator", False)
         autocast_cache = [] if counts["generator"].sharded else working("generator")  # one GPU: lives all step
         fsdp_generator = working("generator") if counts["generator"].sharded else []
@@ -567,7 +603,7 @@ def estimate(cfg: dict, world_size: int = 1, accumulation: int | None = None, mi
                              "activations")
         phases.append(Phase("generator rollout", persistent + gen_accum + autocast_cache + fsdp_generator
                             + rollout_items + [max(commit, rollout_chunk, key=lambda i: i.bytes)]))
-        phases.append(Phase("generator DMD scoring", persistent + gen_accum + autocast_cache + rollout_items + [scoring]))
+        phases.append(Phase("generator DMD scoring", persistent + gen_accum + autocast_cache + rollout_items + scoring))
         phases.append(Phase("generator backward", persistent + grads("generator", True) + working("generator", True)
                             + rollout_items + [Item("one block recomputed in backward (+ grad buffers)", work, "activations")]))
         phases.append(Phase("generator optimizer step", persistent + grads("generator", True)[:1] + [
@@ -581,6 +617,9 @@ def estimate(cfg: dict, world_size: int = 1, accumulation: int | None = None, mi
         kept_c, work_c = grad_forward(critic, score_tokens, score_tokens)
         held = [Item(f"student memory kept for the context ({min(chunks * chunk, max_frames)} frames)",
                      min(chunks * chunk, max_frames) * kv, "kv")] if recipe == "cf-stage2" else []
+        if counts["generator"].sharded:  # its gradient-free rollout leaves the FSDP2 root gathered until its next backward
+            held.append(Item(f"generator: root weights still gathered after the critic's rollout "
+                             f"({'bf16' if mixed_precision else 'fp32'})", counts["generator"].root * act, "fsdp"))
         phases += one_forward("critic", "critic", Item(f"checkpointed block inputs ({context + target} frames)", kept_c,
                                                        "activations"), work_c, extra=held)
         phases.append(Phase("critic optimizer step", persistent + grads("critic", True)[:1] + [
@@ -696,8 +735,8 @@ def _main(argv=None) -> int:
             f"# Per-GPU memory at Wan scale ({args.scale}): computed, not measured\n\n"
             f"Written by `python -m tether.train.memory_estimate --out {args.out}` (`tether/train/memory_estimate.py`,"
             f" whose docstring lists every assumption). No GPU was used: these are computed estimates.\n"
-            f"'peak / GPU' is the largest phase once training runs; 'setup' is the moment a frozen model's fp32 copy"
-            f" is on the GPU before its bf16 cast. Verdicts use the larger of the two against 95 % of the card's usable"
+            f"'peak / GPU' is the largest phase once training runs; 'setup' is the moment a model is whole on the GPU"
+            f" before it is sharded (a trainable one in fp32, a frozen one already cast to bf16 on the CPU). Verdicts use the larger of the two against 95 % of the card's usable"
             f" memory ({', '.join(f'{k}: {v} GiB' for k, v in GPUS.items())}).\n\n{table}\n\n{details}\n")
         print(f"wrote {args.out}.json and {args.out}.md")
     return 0
