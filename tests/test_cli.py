@@ -84,3 +84,12 @@ def test_incompatible_checkpoint_is_one_line(tmp_path):
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_train_overrides_may_follow_the_options(tmp_path):
+    result = tether("train", "teacher", "--out", str(tmp_path / "run"), "--quiet", "--device", "cpu",
+                    "model.source=tiny", "data.frames=3", "data.height=4", "data.width=4", "batch_size=1", "steps=1")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "log.jsonl").exists()
+    bad = tether("train", "teacher", "--out", str(tmp_path / "run2"), "--bogus")
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr

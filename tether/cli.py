@@ -296,7 +296,14 @@ def build_parser():
 
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # `tether train RECIPE --out DIR key=value`: argparse stops collecting positionals at the
+        # first option, so overrides given after options come back here; they are still overrides.
+        if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+            args.overrides = list(args.overrides) + extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.run(args)
     except TetherError as e:
         print(f"tether: error: {e}", file=sys.stderr)
