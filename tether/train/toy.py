@@ -193,6 +193,9 @@ class ToyChain:
         return "ode-init + self-forcing"
 
     def stage_export(self) -> str:
+        import torch
+
+        from ..checkpoints import load_transformer, save_transformer
         from ..configs import CONFIGS
 
         student = self.transformer_of("self-forcing")
@@ -205,13 +208,18 @@ class ToyChain:
         tmp = self.bundle_folder.with_name(self.bundle_folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        shutil.copy2(transformer, tmp / "transformer.safetensors")
+        # fp16 on disk (half the size; loading casts back to the run dtype), the teacher beside the
+        # student because every later recipe (cf-teacher, DMD's real score) starts from it.
+        for source, name in ((transformer, "transformer.safetensors"), (self.transformer_of("teacher"), "teacher.safetensors")):
+            if source.exists():
+                save_transformer(load_transformer(str(source)), tmp / name, dtype=torch.float16)
         shutil.copytree(self.text_folder, tmp / "text_encoder")
         shutil.copytree(self.vae_folder, tmp / "vae")
         toy = CONFIGS["toy"]
+        clips = json.loads((self.dataset_folder / "prompts.json").read_text())["num_clips"]
         meta = {"height": dataset["size"], "width": dataset["size"], "fps": 16,
                 "description": f"toy world model: {what}; toy VAE; {toy.num_layers}-layer dim-{toy.dim} transformer; "
-                               f"trained by `tether train toy` on {dataset['clips']} world clips"}
+                               f"trained by `tether train toy` on {clips} world clips"}
         (tmp / "pipeline.json").write_text(json.dumps(meta, indent=1) + "\n")
         shutil.rmtree(self.bundle_folder, ignore_errors=True)
         tmp.replace(self.bundle_folder)
