@@ -86,7 +86,8 @@ def summarise(clips: list) -> dict:
 
 
 def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, policy: str = "window",
-        teacher_steps: int = 24, shift: float = 5.0, guidance: float = 3.0, progress: bool = True) -> dict:
+        teacher_steps: int = 24, shift: float = 5.0, guidance: float = 3.0, progress: bool = True,
+        student: bool = True) -> dict:
     from ..checkpoints import load_transformer
     from ..pipeline import load_pipeline
     from ..eval import PROBE_PATH
@@ -96,7 +97,9 @@ def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, pol
     probe = load_probe(str(PROBE_PATH))
     teacher = load_transformer(str(teacher_path)).eval() if teacher_path else None
     prompts = random_prompts(clips, seed)
-    models = {"student": None} if teacher is None else {"student": None, "teacher": teacher}
+    models = ({"student": None} if student else {}) | ({"teacher": teacher} if teacher is not None else {})
+    if not models:
+        raise TetherError("nothing to measure: --no-student needs --teacher")
     results = {name: [] for name in models}
     seconds = {name: 0.0 for name in models}
     for index, prompt in enumerate(tqdm(prompts, desc="adherence", unit="clip", disable=not progress)):
@@ -117,6 +120,7 @@ def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, pol
     if teacher is not None:
         report["teacher_sampling"] = {"source": str(teacher_path), "steps": teacher_steps, "shift": shift,
                                       "guidance": guidance}
+    if teacher is not None and student:
         report["student_minus_teacher"] = {
             a: (None if report["student"]["adherence"][a]["mean"] is None or report["teacher"]["adherence"][a]["mean"] is None
                 else report["student"]["adherence"][a]["mean"] - report["teacher"]["adherence"][a]["mean"])
@@ -146,7 +150,8 @@ def _percent(value) -> str:
 
 def main(args) -> int:
     report = run(args.checkpoint, args.teacher, clips=args.clips, seed=args.seed, policy=args.policy,
-                 teacher_steps=args.teacher_steps, guidance=args.guidance, progress=not args.quiet)
+                 teacher_steps=args.teacher_steps, guidance=args.guidance, progress=not args.quiet,
+                 student=not args.no_student)
     print(format_report(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
