@@ -95,3 +95,20 @@ def test_toy_chain_rejects_unknown_stages(tmp_path):
         ToyChain(tmp_path, overrides=["students.steps=3"])
     with pytest.raises(TetherError, match="unknown stage"):
         ToyChain(tmp_path).run(until="nothing")
+
+
+def test_vae_object_crops_hold_an_object(tmp_path):
+    # A 16x16 window of a 64x64 frame, placed around the first visible object's centre.
+    cfg = load_config("vae", overrides=TINY_VAE + ["data.height=8", "data.width=8", "data.crop=2",
+                                                   "data.object_crops=1.0"])
+    recipe = Trainer(cfg, tmp_path / "run", progress=False).recipe
+    recipe.setup()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        index = int(torch.randint(2**31 - 1, (1,), generator=g))
+        frames, _, truths = sample_clip(0, index, 5, 64, with_truth=True)
+        top, left = recipe._around_object(truths[0], 0, 0)
+        visible = [o for o in truths[0].objects if o.visible]
+        if visible:
+            assert top <= visible[0].y <= top + 16 or visible[0].y < 0 or visible[0].y > 64
+            assert left <= visible[0].x <= left + 16 or visible[0].x < 0 or visible[0].x > 64

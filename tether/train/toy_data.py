@@ -31,8 +31,8 @@ LATENTS_FILE = "latents.pt"
 PROMPTS_FILE = "prompts.json"
 
 
-def sample_clip(seed: int, index: int, num_frames: int = 81, size: int = 64):
-    """Clip `index` of stream `seed`: (uint8 frames [num_frames, size, size, 3], prompt).
+def sample_clip(seed: int, index: int, num_frames: int = 81, size: int = 64, with_truth: bool = False):
+    """Clip `index` of stream `seed`: (uint8 frames [num_frames, size, size, 3], prompt[, FrameTruths]).
 
     Prompts come from the world's grammar (one or two objects, camera pans,
     left-out attributes); what a prompt leaves out, the renderer fills in from
@@ -40,8 +40,8 @@ def sample_clip(seed: int, index: int, num_frames: int = 81, size: int = 64):
     """
     rng = np.random.default_rng([_CLIP_SALT, int(seed), int(index)])
     prompt = random_prompt(rng, omit_probability=OMIT_PROBABILITY)
-    frames, _ = render_clip(prompt, num_frames, seed=int(rng.integers(2**31)), size=size)
-    return frames, prompt
+    frames, truths = render_clip(prompt, num_frames, seed=int(rng.integers(2**31)), size=size)
+    return (frames, prompt, truths) if with_truth else (frames, prompt)
 
 
 def clips_to_video(frames_list) -> torch.Tensor:
