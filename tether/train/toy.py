@@ -1,6 +1,6 @@
 """`tether train toy`: the whole toy model, from nothing to a pipeline bundle, as resumable stages.
 
-    vae      train the toy video VAE (or take the shipped one, tether/weights/toy_vae)
+    vae      train the toy video VAE (or take the shipped one, tether/weights/default/vae)
     text     the toy text encoder: a frozen, randomly initialised umT5 over the world's words
     dataset  render world clips, encode them once (VAE latents + text embeddings);
              ~1.5 clips/s of 81 frames at 64x64 on 2 CPU cores: 2000 clips in ~23 min
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..errors import TetherError
 
-SHIPPED_VAE = Path(__file__).resolve().parent.parent / "weights" / "toy_vae"
+SHIPPED_VAE = Path(__file__).resolve().parent.parent / "weights" / "default" / "vae"
 STAGES = ("vae", "text", "dataset", "teacher", "student", "export")
 RECIPE_STAGES = ("vae", "teacher", "ode-init", "self-forcing")
 # The toy transformer (tether.configs.CONFIGS["toy"]) reads 32 text tokens of width 128.
