@@ -15,7 +15,7 @@ import html
 import json
 from pathlib import Path
 
-from .quality import BLOCKS, METRICS, REENTRY_GAPS, RETENTION_THRESHOLD, SERIES_METRICS
+from .quality import BLOCKS, METRICS, REENTRY_GAPS, RETENTION_THRESHOLD, SERIES_METRICS, _fmt
 
 ARROWS = {"up": " ↑", "down": " ↓", None: ""}
 TITLES = {
@@ -28,13 +28,6 @@ TITLES = {
     "temporal_flicker": "temporal flicker score",
 }
 
-
-def _fmt(value, digits=3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def block_table(summary: dict, block: str) -> tuple:
