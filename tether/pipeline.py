@@ -6,7 +6,9 @@ Sources, all local:
 - the name of a shipped toy model: `default`, `context-forcing`,
   `grounded-forcing` (bundles in `tether/weights/<name>/`);
 - a tether bundle folder (`pipeline.json`, `transformer.safetensors`,
-  `text_encoder/`, `vae/`), which is what tether's training exports;
+  `text_encoder/`, `vae/`), which is what tether's training exports, or an
+  adapter bundle (`pipeline.json` naming a `base` bundle, and a LoRA
+  `adapter/` merged into the base's transformer at load);
 - an original Wan2.1-T2V folder, or a diffusers-format Wan folder;
 - a Self-Forcing / CausVid / LongLive `.pt` generator, with `base=` a Wan
   folder that supplies the VAE and the text encoder.
@@ -117,9 +119,19 @@ def _bundle(folder: Path, device, dtype) -> Pipeline:
     from .vae import LatentCodec, load_vae
 
     meta = json.loads((folder / "pipeline.json").read_text())
-    model = load_transformer(str(folder / "transformer.safetensors"), dtype=dtype, device=device)
-    text = load_text_encoder(str(folder / "text_encoder"), device=device)
-    codec = LatentCodec(load_vae(str(folder / "vae"), device=device))
+    if "base" in meta:
+        # A LoRA bundle: an adapter over another bundle's transformer, sharing its VAE and text encoder.
+        base = (folder / meta["base"]).resolve()
+        if not (base / "pipeline.json").exists():
+            raise TetherError(f"{folder} is an adapter over '{meta['base']}', but {base} is not a tether bundle")
+        model = load_transformer(str(base / "transformer.safetensors"), dtype=dtype, device=device,
+                                 lora=str(folder / meta.get("lora", "adapter")))
+        components = base
+    else:
+        model = load_transformer(str(folder / "transformer.safetensors"), dtype=dtype, device=device)
+        components = folder
+    text = load_text_encoder(str(components / "text_encoder"), device=device)
+    codec = LatentCodec(load_vae(str(components / "vae"), device=device))
     size = (meta["height"], meta["width"])
     return Pipeline(model.eval(), text, codec, size, fps=meta.get("fps", 16), description=meta.get("description", str(folder)))
 

@@ -204,7 +204,7 @@ def parameter_shapes(config, lora: dict | None = None) -> list:
     with torch.device("meta"):
         model = WanTransformer(config)
         if lora:
-            from .recipes.cf_teacher import add_lora
+            from .lora import add_lora
 
             model = add_lora(model, lora)
     return [(n, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()]

@@ -7,6 +7,14 @@
     teacher  bidirectional flow-matching teacher on that dataset
     student  ode-init, then self-forcing (when those recipes are registered)
     export   a bundle folder that `tether generate --checkpoint` loads
+    long-dataset      longer world clips (405 frames, 25 s) for Context Forcing's long-context teacher
+    context-forcing   cf-teacher (ERFT, from the teacher), then cf-stage1 and cf-stage2 on the student
+    grounded-forcing  gf-stage1, then gf-stage2 (prompt switches, APR, scene cuts) on the student
+    export-students   adapter bundles (bundle-context-forcing/, bundle-grounded-forcing/) over bundle/
+
+The Context/Grounded Forcing students train LoRA adapters on the exported
+default student (their toy configs set `lora:`), so each ships in a few MB
+beside the default instead of another full transformer.
 
 A stage whose output exists is skipped, so re-running the command continues
 the chain; a stage interrupted mid-training continues from its checkpoint with
@@ -19,6 +27,7 @@ the VAE even when a shipped one exists.
 """
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -26,12 +35,17 @@ from pathlib import Path
 from ..errors import TetherError
 
 SHIPPED_VAE = Path(__file__).resolve().parent.parent / "weights" / "default" / "vae"
-STAGES = ("vae", "text", "dataset", "teacher", "student", "export")
-RECIPE_STAGES = ("vae", "teacher", "ode-init", "self-forcing")
+STAGES = ("vae", "text", "dataset", "teacher", "student", "export",
+          "long-dataset", "context-forcing", "grounded-forcing", "export-students")
+RECIPE_STAGES = ("vae", "teacher", "ode-init", "self-forcing", "cf-teacher", "cf-stage1", "cf-stage2", "gf-stage1", "gf-stage2")
+# What each student's final stage is, and the name its bundle ships under (tether/weights/<name>).
+STUDENTS = {"context-forcing": "cf-stage2", "grounded-forcing": "gf-stage2"}
 # The toy transformer (tether.configs.CONFIGS["toy"]) reads 32 text tokens of width 128.
 DEFAULTS = {
     "text": {"dim": 128, "layers": 2, "heads": 4, "text_len": 32, "seed": 0},
     "dataset": {"clips": 1200, "frames": 81, "size": 64, "seed": 0, "batch_size": 4},
+    # 405 frames = 102 latent frames, cf-teacher's full layout (sink 3 + sparse 12x6 + motion 6 + target 21).
+    "long-dataset": {"clips": 160, "frames": 405, "size": 64, "seed": 1, "batch_size": 2},
     "vae": {"shipped": True},
 }
 
@@ -59,12 +73,12 @@ class ToyChain:
                 self.settings["vae"]["shipped"] = bool(yaml.safe_load(raw))
             elif stage in RECIPE_STAGES:
                 self.recipe_overrides[stage].append(rest)
-            elif stage in ("text", "dataset"):
+            elif stage in ("text", "dataset", "long-dataset"):
                 if key not in DEFAULTS[stage]:
                     raise TetherError(f"unknown {stage} setting '{key}' (known: {', '.join(DEFAULTS[stage])})")
                 self.settings[stage][key] = yaml.safe_load(raw)
             else:
-                raise TetherError(f"toy chain override '{item}': no stage '{stage}' (stages: {', '.join(RECIPE_STAGES + ('text', 'dataset'))})")
+                raise TetherError(f"toy chain override '{item}': no stage '{stage}' (stages: {', '.join(RECIPE_STAGES + ('text', 'dataset', 'long-dataset'))})")
 
     # ---- paths: each stage's output, whose existence marks the stage done ---------------
     @property
@@ -83,8 +97,15 @@ class ToyChain:
         return self.out / recipe / "export" / "transformer.safetensors"
 
     @property
+    def long_dataset_folder(self) -> Path:
+        return self.out / "long_dataset"
+
+    @property
     def bundle_folder(self) -> Path:
         return self.out / "bundle"
+
+    def student_bundle_folder(self, name: str) -> Path:
+        return self.out / f"bundle-{name}"
 
     def done(self, stage: str) -> bool:
         outputs = {
@@ -94,6 +115,10 @@ class ToyChain:
             "teacher": self.transformer_of("teacher"),
             "student": self.transformer_of("self-forcing"),
             "export": self.bundle_folder / "pipeline.json",
+            "long-dataset": self.long_dataset_folder / "latents.pt",
+            "context-forcing": self.transformer_of(STUDENTS["context-forcing"]),
+            "grounded-forcing": self.transformer_of(STUDENTS["grounded-forcing"]),
+            "export-students": self.student_bundle_folder("grounded-forcing") / "pipeline.json",
         }
         return outputs[stage].exists()
 
@@ -158,14 +183,19 @@ class ToyChain:
         return f"umT5 dim {s['dim']}, {s['layers']} layers, {s['text_len']} tokens, frozen random (seed {s['seed']})"
 
     def stage_dataset(self) -> str:
+        return self._build_dataset(self.dataset_folder, self.settings["dataset"])
+
+    def stage_long_dataset(self) -> str:
+        return self._build_dataset(self.long_dataset_folder, self.settings["long-dataset"])
+
+    def _build_dataset(self, folder: Path, s: dict) -> str:
         from ..text import load_text_encoder
         from ..vae import LatentCodec, load_vae
         from .toy_data import build_latent_dataset
 
-        s = self.settings["dataset"]
         codec = LatentCodec(load_vae(self.vae_folder))
         text_encoder = load_text_encoder(str(self.text_folder))
-        stats = build_latent_dataset(self.dataset_folder, codec, text_encoder, s["clips"], s["frames"], s["size"],
+        stats = build_latent_dataset(folder, codec, text_encoder, s["clips"], s["frames"], s["size"],
                                      seed=s["seed"], batch_size=s["batch_size"], progress=self.progress)
         rate = stats["clips_per_second"]
         return f"{s['clips']} clips, latents {stats['latent_shape']}" + (f", {rate:.2f} clips/s" if rate else "")
@@ -224,6 +254,55 @@ class ToyChain:
         shutil.rmtree(self.bundle_folder, ignore_errors=True)
         tmp.replace(self.bundle_folder)
         return f"bundle {self.bundle_folder} from the {what.split(' (')[0]}"
+
+
+    # ---- the Context and Grounded Forcing students: adapters over the exported default --------
+    def _train_once(self, recipe: str, extra=()) -> None:
+        if not self.transformer_of(recipe).exists():
+            self._train(recipe, extra)
+
+    def _student_sources(self) -> list:
+        """The exported bundle's student and teacher: the adapters must fit the weights that ship."""
+        return [f"model.source={self.bundle_folder / 'transformer.safetensors'}",
+                f"teacher.source={self.bundle_folder / 'teacher.safetensors'}"]
+
+    def _continue_adapter(self, recipe: str) -> str:
+        return f"lora.init={self.transformer_of(recipe).parent / 'adapter'}"
+
+    def stage_context_forcing(self) -> str:
+        teacher = self.bundle_folder / "teacher.safetensors"
+        long_data = ["data.kind=latents", f"data.path={self.long_dataset_folder}"]
+        self._train_once("cf-teacher", long_data + [f"model.source={teacher}"])
+        self._train_once("cf-stage1", self._data_overrides() + self._student_sources())
+        # Stage 2: contextual DMD against the long-context teacher, continuing stage 1's adapter.
+        self._train_once("cf-stage2", self._data_overrides() + self._student_sources()
+                         + [f"teacher.source={self.transformer_of('cf-teacher')}", self._continue_adapter("cf-stage1")])
+        return "cf-teacher + cf-stage1 + cf-stage2"
+
+    def stage_grounded_forcing(self) -> str:
+        self._train_once("gf-stage1", self._data_overrides() + self._student_sources())
+        self._train_once("gf-stage2", self._data_overrides() + self._student_sources() + [self._continue_adapter("gf-stage1")])
+        return "gf-stage1 + gf-stage2"
+
+    def stage_export_students(self) -> str:
+        written = []
+        for name, recipe in STUDENTS.items():
+            adapter = self.transformer_of(recipe).parent / "adapter"
+            if not (adapter / "adapter_model.safetensors").exists():
+                raise TetherError(f"{recipe} left no adapter in {adapter}: the student configs must set lora:")
+            folder = self.student_bundle_folder(name)
+            tmp = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(adapter, tmp / "adapter")
+            base = json.loads((self.bundle_folder / "pipeline.json").read_text())
+            meta = {"base": os.path.relpath(self.bundle_folder, folder), "lora": "adapter",
+                    "height": base["height"], "width": base["width"], "fps": base.get("fps", 16),
+                    "description": f"toy world {name} student: LoRA adapter ({recipe}) over the default student"}
+            (tmp / "pipeline.json").write_text(json.dumps(meta, indent=1) + "\n")
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.replace(folder)
+            written.append(folder.name)
+        return ", ".join(written)
 
 
 def run_toy_chain(args) -> int:

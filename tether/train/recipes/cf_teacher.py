@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from ...checkpoints import save_transformer
+from ..lora import add_lora, lora_scale, merge_lora
 from ..error_bank import ErrorBank, InjectionRates, draw_errors, draw_injection
 from ..recipe import register_recipe
 from .teacher import Teacher, sample_timesteps
@@ -135,28 +136,6 @@ def gather_batch(trainer, tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def add_lora(model, lora_cfg: dict):
-    """Inject LoRA adapters (peft) into the attention projections; only they stay trainable."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    rank = int(lora_cfg.get("rank", 128))
-    config = LoraConfig(r=rank, lora_alpha=float(lora_cfg.get("alpha", rank)),
-                        target_modules=list(lora_cfg.get("target_modules", ["q", "k", "v", "o"])),
-                        lora_dropout=float(lora_cfg.get("dropout", 0.0)))
-    return inject_adapter_in_model(config, model)
-
-
-def merge_lora(weights: dict, scale: float) -> dict:
-    """Plain transformer weights from a LoRA-injected model's: W = W_base + scale * B @ A."""
-    merged = {k.replace(".base_layer.", "."): v for k, v in weights.items() if ".lora_" not in k}
-    for key, down in weights.items():
-        if key.endswith(".lora_A.default.weight"):
-            prefix = key[: -len(".lora_A.default.weight")]
-            up = weights[prefix + ".lora_B.default.weight"]
-            merged[prefix + ".weight"] = merged[prefix + ".weight"] + scale * (up.float() @ down.float()).to(merged[prefix + ".weight"].dtype)
-    return merged
-
-
 @register_recipe
 class ContextTeacher(Teacher):
     name = "cf-teacher"
@@ -232,8 +211,7 @@ class ContextTeacher(Teacher):
         if not self.trainer.is_main:
             return
         if self.lora:
-            rank = int(self.lora.get("rank", 128))
-            weights = merge_lora(weights, float(self.lora.get("alpha", rank)) / rank)
+            weights = merge_lora(weights, lora_scale(self.lora))
         model = WanTransformer(self.model_cfg)
         model.load_state_dict(weights)
         save_transformer(model, f"{folder}/transformer.safetensors")

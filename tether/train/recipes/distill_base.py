@@ -10,6 +10,7 @@ import torch
 
 from ...checkpoints import load_transformer, save_transformer
 from ..data import SyntheticData
+from ..lora import add_lora, load_adapter_into, lora_scale, merge_lora, save_adapter
 from ..recipe import Recipe
 
 
@@ -84,6 +85,12 @@ class DistillationRecipe(Recipe):
         cfg = self.cfg
         model = load_transformer(cfg["model"]["source"], config=cfg["model"].get("config"))
         self.model_cfg = model.config
+        # `lora:` trains adapters on a frozen generator (LongLive's way); the export saves them on their own too.
+        self.lora = cfg.get("lora")
+        if self.lora:
+            model = add_lora(model, self.lora)
+            if self.lora.get("init"):  # a later stage continues an earlier stage's adapter
+                load_adapter_into(model, self.lora["init"])
         self.generator = self.trainer.add_model("generator", model.float().train(), ema=cfg.get("ema"),
                                                 ema_start=int(cfg.get("ema_start", 0)))
         self.trainer.add_optimizer_from_config("generator", self.generator, cfg.get("optimizer", {}), 2e-6)
@@ -97,7 +104,10 @@ class DistillationRecipe(Recipe):
         return self.batch_size * self.trainer.world_size
 
     def export(self, folder):
-        """The generator (its EMA when one is kept) as `folder/transformer.safetensors`."""
+        """The generator (its EMA when one is kept) as `folder/transformer.safetensors`.
+
+        A LoRA run writes the merged weights there and its adapter alone to `folder/adapter`.
+        """
         from ...model import WanTransformer
 
         weights = self.trainer.weights("generator")  # every rank takes part in gathering, only rank 0 receives
@@ -105,6 +115,9 @@ class DistillationRecipe(Recipe):
             weights.update(self.trainer.weights("generator", ema=True))
         if not self.trainer.is_main:
             return
+        if self.lora:
+            save_adapter(weights, self.lora, f"{folder}/adapter")
+            weights = merge_lora(weights, lora_scale(self.lora))
         model = WanTransformer(self.model_cfg)
         model.load_state_dict(weights)
         save_transformer(model, f"{folder}/transformer.safetensors")

@@ -1,0 +1,90 @@
+"""LoRA students: DMD generators train adapters only, export them, continue them, and ship as adapter bundles."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from tether.checkpoints import load_transformer, save_transformer
+from tether.errors import TetherError
+from tether.pipeline import BUILTIN, load_pipeline
+from tether.train import Trainer
+from tether.train.config import load_config
+from tether.train.lora import add_lora, merge_lora, save_adapter
+
+TINY = ["data.frames=6", "data.height=4", "data.width=4", "batch_size=2", "ema=0.9", "generator_every=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "base.safetensors"
+    save_transformer(load_transformer("tiny"), path)
+    return path
+
+
+def _trainer(recipe, run_dir, base, *extra):
+    cfg = load_config(recipe, overrides=[f"model.source={base}"] + TINY + ["lora={rank: 4, alpha: 8}"] + list(extra))
+    return Trainer(cfg, run_dir, progress=False)
+
+
+def test_a_lora_generator_trains_only_its_adapters_and_exports_them(tmp_path, tiny_base):
+    trainer = _trainer("gf-stage1", tmp_path / "run", tiny_base, "steps=2")
+    trainer.run()
+    generator = trainer.models["generator"]
+    trainable = [n for n, p in generator.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    base = load_transformer(str(tiny_base)).state_dict()
+    for name, param in generator.named_parameters():
+        if not param.requires_grad:
+            assert torch.equal(param, base[name.replace(".base_layer.", ".")])
+    trainer.recipe.export(tmp_path / "export")
+    merged = load_transformer(str(tmp_path / "export" / "transformer.safetensors")).state_dict()
+    # The adapter alone, merged into the untouched base, gives the exported weights (fp16 factors aside).
+    rebuilt = load_transformer(str(tiny_base), lora=str(tmp_path / "export" / "adapter")).state_dict()
+    moved = [k for k in merged if not torch.equal(merged[k], base[k])]
+    assert moved and all(".self_attn." in k or ".cross_attn." in k for k in moved)
+    for key in merged:
+        torch.testing.assert_close(rebuilt[key], merged[key], atol=2e-4, rtol=1e-3)
+
+
+def test_a_later_stage_continues_the_earlier_adapter(tmp_path, tiny_base):
+    first = _trainer("gf-stage1", tmp_path / "one", tiny_base, "steps=1")
+    first.run()
+    first.recipe.export(tmp_path / "one" / "export")
+    adapter = tmp_path / "one" / "export" / "adapter"
+    second = _trainer("gf-stage2", tmp_path / "two", tiny_base, "steps=0", f"lora.init={adapter}")
+    second.run()  # sets the recipe up without a step
+    saved = load_transformer(str(tiny_base), lora=str(adapter)).state_dict()
+    weights = merge_lora({k: v.detach() for k, v in second.models["generator"].state_dict().items()}, 8 / 4)
+    for key in saved:
+        torch.testing.assert_close(weights[key], saved[key], atol=1e-5, rtol=1e-5)
+    other_rank = ["lora={rank: 2, alpha: 8}", f"lora.init={adapter}"]
+    third = Trainer(load_config("gf-stage2", overrides=[f"model.source={tiny_base}"] + TINY + other_rank),
+                    tmp_path / "three", progress=False)
+    with pytest.raises(TetherError, match=r"the LoRA wants \[2, 64\]"):
+        third.run()
+
+
+def test_an_adapter_bundle_loads_over_its_base_bundle(tmp_path):
+    model = add_lora(load_transformer(str(BUILTIN / "transformer.safetensors"), dtype=torch.float32), {"rank": 2, "alpha": 2})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(0.01 * torch.randn(param.shape, generator=generator))
+    weights = model.state_dict()
+    bundle = tmp_path / "bundle"
+    save_adapter(weights, {"rank": 2, "alpha": 2}, bundle / "adapter", dtype=torch.float32)
+    meta = {"base": os.path.relpath(BUILTIN, bundle), "lora": "adapter", "height": 64, "width": 64, "fps": 16,
+            "description": "test adapter"}
+    (bundle / "pipeline.json").write_text(json.dumps(meta))
+    pipe = load_pipeline(str(bundle))
+    expected = merge_lora(weights, 1.0)
+    for key, value in pipe.model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], atol=1e-4, rtol=2e-3)  # the merge rounds to the file's fp16
+    assert pipe.description == "test adapter" and pipe.height == 64
+    meta["base"] = "no-such-bundle"
+    (bundle / "pipeline.json").write_text(json.dumps(meta))
+    with pytest.raises(TetherError, match="not a tether bundle"):
+        load_pipeline(str(bundle))
