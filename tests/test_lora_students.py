@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -83,7 +85,14 @@ def test_an_adapter_bundle_loads_over_its_base_bundle(tmp_path):
     expected = merge_lora(weights, 1.0)
     for key, value in pipe.model.state_dict().items():
         torch.testing.assert_close(value, expected[key], atol=1e-4, rtol=2e-3)  # the merge rounds to the file's fp16
-    assert pipe.description == "test adapter" and pipe.height == 64
+    assert pipe.description == "test adapter" and pipe.height == 64 and pipe.policy == "window"
+    # A student bundle names the policy it was trained with, and generate runs it unless told otherwise.
+    meta["policy"] = "slow-fast"
+    (bundle / "pipeline.json").write_text(json.dumps(meta))
+    run = subprocess.run([sys.executable, "-m", "tether", "generate", "--checkpoint", str(bundle), "--prompt", "a red circle",
+                          "--seconds", "1", "--quiet", "-o", str(tmp_path / "v.mp4")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "policy slow-fast" in run.stdout
     meta["base"] = "no-such-bundle"
     (bundle / "pipeline.json").write_text(json.dumps(meta))
     with pytest.raises(TetherError, match="not a tether bundle"):

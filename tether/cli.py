@@ -82,7 +82,8 @@ def _generate_video(args) -> int:
 
     timeline = resolve_timeline(prompt=args.prompt, timeline=args.timeline, seconds=args.seconds)
     policy_options = parse_options(args.policy_opt)
-    make_policy(args.policy, **policy_options)  # fail on a bad name or option before loading anything
+    if args.policy:
+        make_policy(args.policy, **policy_options)  # fail on a bad name or option before loading anything
     if args.switch:
         make_switch_rule(args.switch)
     check_writable(args.output)
@@ -91,6 +92,8 @@ def _generate_video(args) -> int:
         if args.strip_every <= 0:
             raise TetherError("--strip-every must be positive")
     pipe = load_from_args(args)
+    args.policy = args.policy or pipe.policy
+    make_policy(args.policy, **policy_options)
     if args.verbose:
         print(f"model: {pipe.description}", file=sys.stderr)
     strip = FrameStrip(args.strip_every * pipe.fps) if args.strip else None
@@ -209,7 +212,8 @@ def _estimate_memory(args, cfg) -> int:
 def cmd_serve(args) -> int:
     from .memory import make_policy
 
-    make_policy(args.policy)  # fail on a bad name before loading anything
+    if args.policy:
+        make_policy(args.policy)  # fail on a bad name before loading anything
     if args.max_sessions < 1:
         raise TetherError("--max-sessions must be at least 1")
     if args.idle_timeout <= 0:
@@ -221,6 +225,7 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise TetherError(f"tether serve needs fastapi and uvicorn ({e}); pip install fastapi uvicorn") from None
     pipe = load_from_args(args)
+    args.policy = args.policy or pipe.policy
     app = create_app(pipe, policy=args.policy, max_sessions=args.max_sessions, idle_timeout=args.idle_timeout)
     print(f"tether serve: http://{args.host}:{args.port}/  ({pipe.description}; policy {args.policy}, "
           f"at most {args.max_sessions} sessions)", file=sys.stderr)
@@ -242,7 +247,8 @@ def build_parser():
     source.add_argument("--prompt", help="one prompt for the whole video")
     source.add_argument("--timeline", help="'a fox runs[10s] | it stops[5s#]' or a .yaml/.json file")
     g.add_argument("--seconds", type=float, help="video length (default 5 s for a single prompt)")
-    g.add_argument("--policy", default="window", help="memory policy (see README)")
+    g.add_argument("--policy", help="memory policy (see README; default: the model's own, e.g. slow-fast for "
+                                    "context-forcing, else window)")
     g.add_argument("--policy-opt", action="append", metavar="KEY=VALUE",
                    help="policy option, repeatable (e.g. promotion=code for slow-fast, global_sink=true for frame-sink)")
     g.add_argument("--switch", help="switch rule at prompt changes: text-reset, kv-recache, kv-flush, apr "
@@ -274,7 +280,7 @@ def build_parser():
     t.add_argument("--json", help="with --estimate-memory: also write the estimate to this JSON file")
     t.set_defaults(run=cmd_train)
     s = sub.add_parser("serve", help="interactive web app: watch the video as it is generated and steer it live")
-    s.add_argument("--policy", default="window", help="memory policy a new session starts with")
+    s.add_argument("--policy", help="memory policy a new session starts with (default: the model's own, else window)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--max-sessions", type=int, default=2, help="browser sessions generating at once; more are told the server is busy")

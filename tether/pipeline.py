@@ -48,9 +48,13 @@ class GeneratedChunk:
     seconds: float  # wall time this chunk took, decode included
 
 
+DEFAULT_POLICY = "window"
+
+
 class Pipeline:
-    def __init__(self, model, text_encoder, codec, size, fps: int = 16, description: str = ""):
+    def __init__(self, model, text_encoder, codec, size, fps: int = 16, description: str = "", policy: str = DEFAULT_POLICY):
         self.model = model
+        self.policy = policy  # the memory policy the model was trained with, which it runs by default
         self.text_encoder = text_encoder
         self.codec = codec
         self.height, self.width = size
@@ -133,7 +137,8 @@ def _bundle(folder: Path, device, dtype) -> Pipeline:
     text = load_text_encoder(str(components / "text_encoder"), device=device)
     codec = LatentCodec(load_vae(str(components / "vae"), device=device))
     size = (meta["height"], meta["width"])
-    return Pipeline(model.eval(), text, codec, size, fps=meta.get("fps", 16), description=meta.get("description", str(folder)))
+    return Pipeline(model.eval(), text, codec, size, fps=meta.get("fps", 16), description=meta.get("description", str(folder)),
+                    policy=meta.get("policy", DEFAULT_POLICY))
 
 
 def _wan(folder: Path, transformer_source, device, dtype, **load_options) -> Pipeline:

@@ -86,8 +86,14 @@ def block_of(episode_name: str) -> str:
 
 
 def natural_policy(model: str):
-    """The policy a trained student runs with, or None for a model that runs every policy."""
-    return STUDENTS.get(model)
+    """The policy a trained student runs with, or None for a model that runs every policy.
+
+    A bundle folder is a student when its pipeline.json names the policy it was trained with.
+    """
+    if model in STUDENTS:
+        return STUDENTS[model]
+    meta = Path(model) / "pipeline.json"
+    return json.loads(meta.read_text()).get("policy") if meta.exists() else None
 
 
 def rows_for(models: list, policies: list) -> list:

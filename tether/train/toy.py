@@ -40,6 +40,8 @@ STAGES = ("vae", "text", "dataset", "teacher", "student", "export",
 RECIPE_STAGES = ("vae", "teacher", "ode-init", "self-forcing", "cf-teacher", "cf-stage1", "cf-stage2", "gf-stage1", "gf-stage2")
 # What each student's final stage is, and the name its bundle ships under (tether/weights/<name>).
 STUDENTS = {"context-forcing": "cf-stage2", "grounded-forcing": "gf-stage2"}
+# The memory policy each was trained with, which it runs by default (pipeline.json "policy").
+STUDENT_POLICIES = {"context-forcing": "slow-fast", "grounded-forcing": "dual"}
 # The toy transformer (tether.configs.CONFIGS["toy"]) reads 32 text tokens of width 128.
 DEFAULTS = {
     "text": {"dim": 128, "layers": 2, "heads": 4, "text_len": 32, "seed": 0},
@@ -295,7 +297,7 @@ class ToyChain:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(adapter, tmp / "adapter")
             base = json.loads((self.bundle_folder / "pipeline.json").read_text())
-            meta = {"base": os.path.relpath(self.bundle_folder, folder), "lora": "adapter",
+            meta = {"base": os.path.relpath(self.bundle_folder, folder), "lora": "adapter", "policy": STUDENT_POLICIES[name],
                     "height": base["height"], "width": base["width"], "fps": base.get("fps", 16),
                     "description": f"toy world {name} student: LoRA adapter ({recipe}) over the default student"}
             (tmp / "pipeline.json").write_text(json.dumps(meta, indent=1) + "\n")
