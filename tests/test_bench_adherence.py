@@ -43,3 +43,16 @@ def test_cli_writes_a_report(tmp_path):
     assert len(report["student"]["per_clip"]) == 2
     assert set(report["student"]["adherence"]) == set(ATTRIBUTES)
     assert "background" in result.stdout
+
+
+def test_reference_scores_the_renders_and_their_vae_round_trip(tmp_path):
+    out = tmp_path / "reference.json"
+    result = tether("bench", "adherence", "--clips", "2", "--no-student", "--reference", "--quiet", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert "student" not in report and set(report) >= {"truth", "vae"}
+    # The probe reads the world's own renders (near) perfectly; the round trip is what the VAE leaves of them.
+    truth = report["truth"]["adherence"]
+    assert all(truth[a]["mean"] is None or truth[a]["mean"] >= 0.9 for a in ATTRIBUTES)
+    assert [c["prompt"] for c in report["truth"]["per_clip"]] == [c["prompt"] for c in report["vae"]["per_clip"]]
+    assert "vae" in result.stdout and "truth" in result.stdout

@@ -35,6 +35,8 @@ def _add_adherence_parser(benchmarks) -> None:
     p.add_argument("--checkpoint", help="model to test (default: the built-in model; or a shipped name or a bundle folder)")
     p.add_argument("--teacher", help="also sample this bidirectional teacher (transformer .safetensors) on the same prompts")
     p.add_argument("--no-student", action="store_true", help="only the teacher (its pipeline's text encoder and VAE)")
+    p.add_argument("--reference", action="store_true",
+                   help="also score the world's own renders (truth) and their VAE round trip (vae): the VAE's ceiling")
     p.add_argument("--clips", type=int, default=100, help="number of random prompts (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policy", default="window", help="the student's memory policy (default: window)")

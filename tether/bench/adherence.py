@@ -13,6 +13,11 @@ report also gives identity retention of the attributes left open.
 With `--teacher`, the same prompts and noise go through the bidirectional
 teacher too (Euler on the shifted grid, classifier-free guidance), so the
 distilled student can be compared with the model it was distilled from.
+
+With `--reference`, the world's own render of each prompt is scored too
+("truth": the probe's own accuracy on these clips), and so is that render
+after a round trip through the model's VAE ("vae"): the best any transformer
+could score through this VAE, which tells a weak VAE from a weak transformer.
 """
 
 import json
@@ -59,6 +64,19 @@ def teacher_clip(pipe, teacher, prompt: str, seed: int, steps: int, shift: float
     return video_to_uint8(pipe.codec.decode(x0.to(pipe.codec_dtype)))
 
 
+def reference_clips(pipe, prompt: str, seed: int) -> dict:
+    """The world's render of `prompt` (5 s) and the same render encoded and decoded by the pipeline's VAE."""
+    from ..pipeline import video_to_uint8
+    from ..world import render_clip
+
+    frames, _ = render_clip(prompt, 1 + 4 * (CLIP_LATENT_FRAMES - 1), seed=seed, size=pipe.height)
+    video = torch.from_numpy(frames).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+    with torch.no_grad():
+        latents = pipe.codec.encode(video.to(pipe.codec_dtype))
+        round_trip = video_to_uint8(pipe.codec.decode(latents))
+    return {"truth": frames, "vae": round_trip}
+
+
 def score_clip(probe, prompt: str, frames: np.ndarray) -> dict:
     from ..eval.toy import parse_world_timeline, toy_metrics
 
@@ -87,7 +105,7 @@ def summarise(clips: list) -> dict:
 
 def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, policy: str = "window",
         teacher_steps: int = 24, shift: float = 5.0, guidance: float = 3.0, progress: bool = True,
-        student: bool = True) -> dict:
+        student: bool = True, reference: bool = False) -> dict:
     from ..checkpoints import load_transformer
     from ..pipeline import load_pipeline
     from ..eval import PROBE_PATH
@@ -98,17 +116,25 @@ def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, pol
     teacher = load_transformer(str(teacher_path)).eval() if teacher_path else None
     prompts = random_prompts(clips, seed)
     models = ({"student": None} if student else {}) | ({"teacher": teacher} if teacher is not None else {})
-    if not models:
-        raise TetherError("nothing to measure: --no-student needs --teacher")
+    if not models and not reference:
+        raise TetherError("nothing to measure: --no-student needs --teacher or --reference")
+    if reference:
+        models |= {"truth": None, "vae": None}
     results = {name: [] for name in models}
     seconds = {name: 0.0 for name in models}
     for index, prompt in enumerate(tqdm(prompts, desc="adherence", unit="clip", disable=not progress)):
+        if reference:
+            started = time.perf_counter()
+            references = reference_clips(pipe, prompt, seed + index)
+            seconds["vae"] += time.perf_counter() - started  # render + encode + decode
         for name in models:
             started = time.perf_counter()
             if name == "student":
                 frames = student_clip(pipe, prompt, seed + index, policy)
-            else:
+            elif name == "teacher":
                 frames = teacher_clip(pipe, teacher, prompt, seed + index, teacher_steps, shift, guidance)
+            else:
+                frames = references[name]
             seconds[name] += time.perf_counter() - started
             results[name].append({"prompt": prompt, **score_clip(probe, prompt, frames)})
     report = {"model": pipe.description, "checkpoint": str(checkpoint) if checkpoint else "built-in",
@@ -129,7 +155,7 @@ def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, pol
 
 
 def format_report(report: dict) -> str:
-    names = [n for n in ("student", "teacher") if n in report]
+    names = [n for n in ("student", "teacher", "vae", "truth") if n in report]
     lines = [f"{'attribute':<12}" + "".join(f"{n:>10}" for n in names) + f"{'bar':>8}"]
     for a in ATTRIBUTES:
         cells = "".join(f"{_percent(report[n]['adherence'][a]['mean']):>10}" for n in names)
@@ -151,7 +177,7 @@ def _percent(value) -> str:
 def main(args) -> int:
     report = run(args.checkpoint, args.teacher, clips=args.clips, seed=args.seed, policy=args.policy,
                  teacher_steps=args.teacher_steps, guidance=args.guidance, progress=not args.quiet,
-                 student=not args.no_student)
+                 student=not args.no_student, reference=args.reference)
     print(format_report(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
