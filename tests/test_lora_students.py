@@ -97,3 +97,22 @@ def test_an_adapter_bundle_loads_over_its_base_bundle(tmp_path):
     (bundle / "pipeline.json").write_text(json.dumps(meta))
     with pytest.raises(TetherError, match="not a tether bundle"):
         load_pipeline(str(bundle))
+
+
+@pytest.mark.parametrize("name, policy", [("context-forcing", "slow-fast"), ("grounded-forcing", "dual")])
+def test_shipped_students_are_adapters_over_the_default(name, policy):
+    from tether.pipeline import WEIGHTS
+
+    meta = json.loads((WEIGHTS / name / "pipeline.json").read_text())
+    assert meta["base"] == "../default"
+    student, default = load_pipeline(name), load_pipeline()
+    assert student.policy == policy and default.policy == "window"
+    moved = [k for k, v in default.model.state_dict().items() if not torch.equal(v, student.model.state_dict()[k])]
+    assert moved and all("attn." in k for k in moved)
+
+
+def test_shipped_weights_fit_the_50_mb_budget():
+    from tether.pipeline import WEIGHTS
+
+    total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
+    assert total <= 50e6, f"tether/weights holds {total / 1e6:.1f} MB"

@@ -103,7 +103,7 @@ def summarise(clips: list) -> dict:
             "clips_without_subject": unscored}
 
 
-def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, policy: str = "window",
+def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, policy: str | None = None,
         teacher_steps: int = 24, shift: float = 5.0, guidance: float = 3.0, progress: bool = True,
         student: bool = True, reference: bool = False) -> dict:
     from ..checkpoints import load_transformer
@@ -112,6 +112,7 @@ def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, pol
     from ..world.probe import load_probe
 
     pipe = load_pipeline(checkpoint)
+    policy = policy or pipe.policy  # a student runs the memory it was trained with
     probe = load_probe(str(PROBE_PATH))
     teacher = load_transformer(str(teacher_path)).eval() if teacher_path else None
     prompts = random_prompts(clips, seed)
