@@ -79,11 +79,20 @@ def _block_caption(summary: dict, block: str) -> str:
             f"({', '.join(map(str, seeds))})")
 
 
+def compute_line(summary: dict) -> str:
+    """Wall time of this invocation, and the compute recorded in every run, cached ones included."""
+    runs = summary.get("runs", [])
+    generate = sum(r.get("generate_seconds", 0.0) for r in runs)
+    evaluate = sum(r.get("eval_seconds", 0.0) for r in runs)
+    return (f"wall time {summary['wall_seconds']:.0f} s ({summary['runs_generated']} runs generated, "
+            f"{summary['runs_cached']} cached); all {len(runs)} runs took {generate:.0f} s to generate and "
+            f"{evaluate:.0f} s to evaluate")
+
+
 def markdown(summary: dict) -> str:
     lines = ["# tether bench quality", "",
              f"`{summary['command']}`", "",
-             f"Device: {summary['device']}; wall time {summary['wall_seconds']:.0f} s "
-             f"({summary['runs_generated']} runs generated, {summary['runs_cached']} cached); "
+             f"Device: {summary['device']}; {compute_line(summary)}; "
              f"features `{summary['features']}`; {summary['date_utc']}.", ""]
     lines += [f"- `{name}`: {description}" for name, description in summary["models"].items()]
     lines += ["", "Means over each block's runs (episodes × seeds). Adherence, identity, background stability, "
@@ -201,7 +210,7 @@ def html_page(summary: dict, plots: list, strip_rows: list) -> str:
         "</style></head><body>",
         "<h1>tether bench quality</h1>",
         f"<p><code>{html.escape(summary['command'])}</code></p>",
-        f"<p>Device: {html.escape(summary['device'])}; wall time {summary['wall_seconds']:.0f} s; "
+        f"<p>Device: {html.escape(summary['device'])}; {html.escape(compute_line(summary))}; "
         f"features <code>{html.escape(summary['features'])}</code>; {html.escape(summary['date_utc'])}</p><ul>",
     ]
     parts += [f"<li><code>{html.escape(n)}</code>: {html.escape(str(d))}</li>" for n, d in summary["models"].items()]
