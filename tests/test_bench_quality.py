@@ -8,7 +8,7 @@ import pytest
 from tether.bench import quality
 from tether.cli import main
 
-TINY = ["bench", "quality", "--policies", "window,dual", "--episodes", "reentry-5s,long-60s", "--seeds", "1",
+TINY = ["bench", "quality", "--models", "default", "--policies", "window,dual", "--episodes", "reentry-5s,long-60s", "--seeds", "1",
         "--max-seconds", "1.5", "--features", "pixels", "--window", "0.5", "--quiet"]
 
 
@@ -106,6 +106,16 @@ def test_rows_students_run_their_own_policy():
     assert [(r["label"], r["policy"]) for r in rows] == [
         ("window", "window"), ("full", "full"), ("context-forcing (slow-fast)", "slow-fast"),
         ("grounded-forcing (dual)", "dual")]
+
+
+def test_a_bundle_folder_that_names_its_policy_is_a_student(tmp_path):
+    student, general = tmp_path / "my-student", tmp_path / "my-model"
+    for folder, meta in ((student, {"policy": "dual"}), (general, {})):
+        folder.mkdir()
+        (folder / "pipeline.json").write_text(json.dumps(meta))
+    rows = quality.rows_for([str(student), str(general)], ["window", "full"])
+    assert [(r["label"], r["policy"]) for r in rows] == [
+        ("my-student (dual)", "dual"), ("my-model / window", "window"), ("my-model / full", "full")]
 
 
 def test_episodes_cut_to_a_length():

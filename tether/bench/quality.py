@@ -105,7 +105,7 @@ def rows_for(models: list, policies: list) -> list:
             prefix = "" if model == "default" else f"{model_label(model)} / "
             rows += [{"label": prefix + policy, "model": model, "policy": policy} for policy in policies]
         else:
-            rows.append({"label": f"{model} ({own})", "model": model, "policy": own})
+            rows.append({"label": f"{model_label(model)} ({own})", "model": model, "policy": own})
     return rows
 
 
