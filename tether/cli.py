@@ -92,8 +92,9 @@ def _generate_video(args) -> int:
         if args.strip_every <= 0:
             raise TetherError("--strip-every must be positive")
     pipe = load_from_args(args)
-    args.policy = args.policy or pipe.policy
-    make_policy(args.policy, **policy_options)
+    if not args.policy:
+        args.policy = pipe.policy
+        make_policy(args.policy, **policy_options)
     if args.verbose:
         print(f"model: {pipe.description}", file=sys.stderr)
     strip = FrameStrip(args.strip_every * pipe.fps) if args.strip else None

@@ -176,16 +176,16 @@ def model_plans(cfg: dict, default_config) -> list:
     student = _named_config(cfg["model"].get("config") or cfg["model"].get("source"), default_config)
     ema = cfg.get("ema") is not None
 
+    lora = cfg.get("lora") if recipe != "teacher" else None  # adapters on the trained model (see train/lora.py)
     if recipe in ("teacher", "cf-teacher"):
-        lora = cfg.get("lora") if recipe == "cf-teacher" else None
         return [ModelPlan("model", student, True, ema=ema, lora=lora)]
     teacher_source = (cfg.get("teacher") or {}).get("source") or cfg["model"]["source"]
     critic_source = (cfg.get("critic") or {}).get("source") or teacher_source
     if recipe == "ode-init":
-        return [ModelPlan("generator", student, True, ema=ema),
+        return [ModelPlan("generator", student, True, ema=ema, lora=lora),
                 ModelPlan("teacher", _named_config(teacher_source, student), False)]
     if recipe in DMD_RECIPES:
-        return [ModelPlan("generator", student, True, ema=ema),
+        return [ModelPlan("generator", student, True, ema=ema, lora=lora),
                 ModelPlan("real_score", _named_config(teacher_source, student), False),
                 ModelPlan("critic", _named_config(critic_source, student), True)]
     raise ValueError(f"no memory model for recipe '{recipe}'")
