@@ -67,10 +67,11 @@ def teacher_clip(pipe, teacher, prompt: str, seed: int, steps: int, shift: float
 def reference_clips(pipe, prompt: str, seed: int) -> dict:
     """The world's render of `prompt` (5 s) and the same render encoded and decoded by the pipeline's VAE."""
     from ..pipeline import video_to_uint8
+    from ..train.toy_data import clips_to_video
     from ..world import render_clip
 
     frames, _ = render_clip(prompt, 1 + 4 * (CLIP_LATENT_FRAMES - 1), seed=seed, size=pipe.height)
-    video = torch.from_numpy(frames).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+    video = clips_to_video([frames])
     with torch.no_grad():
         latents = pipe.codec.encode(video.to(pipe.codec_dtype))
         round_trip = video_to_uint8(pipe.codec.decode(latents))

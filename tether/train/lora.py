@@ -64,15 +64,13 @@ def save_adapter(weights: dict, lora_cfg: dict, folder, dtype=torch.float16) -> 
 
 def load_adapter_into(model, folder) -> None:
     """Continue training from a saved adapter: copy its factors into a model injected with the same LoRA."""
-    from safetensors.torch import load_file
-
+    from ..checkpoints import _read_lora
     from ..errors import TetherError
 
-    path = Path(folder) / "adapter_model.safetensors"
-    if not path.exists():
-        raise TetherError(f"no LoRA adapter to continue from at {path}")
-    saved = {k.removeprefix("base_model.model.").replace(".weight", ".default.weight"): v
-             for k, v in load_file(str(path)).items()}
+    saved = {}
+    for weight, (down, up) in _read_lora(Path(folder)).factors.items():
+        module = weight[: -len(".weight")]
+        saved[module + _A], saved[module + _B] = down, up
     params = {n: p for n, p in model.named_parameters() if ".lora_" in n}
     missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
     if missing or unexpected:

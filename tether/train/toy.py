@@ -218,8 +218,7 @@ class ToyChain:
             print(f"  {message}", flush=True)
             return message
         teacher = str(self.transformer_of("teacher"))
-        if not self.transformer_of("ode-init").exists():
-            self._train("ode-init", self._data_overrides() + [f"teacher.source={teacher}"])
+        self._train_once("ode-init", self._data_overrides() + [f"teacher.source={teacher}"])
         self._train("self-forcing", self._data_overrides() + [f"model.source={self.transformer_of('ode-init')}",
                                                               f"teacher.source={teacher}"])
         return "ode-init + self-forcing"
