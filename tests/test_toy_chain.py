@@ -112,3 +112,29 @@ def test_vae_object_crops_hold_an_object(tmp_path):
         if visible:
             assert top <= visible[0].y <= top + 16 or visible[0].y < 0 or visible[0].y > 64
             assert left <= visible[0].x <= left + 16 or visible[0].x < 0 or visible[0].x > 64
+
+
+def test_vae_decoder_fine_tune_keeps_the_latent_space(tmp_path):
+    first = Trainer(load_config("vae", overrides=TINY_VAE), tmp_path / "first", progress=False)
+    first.run()
+    first.recipe.export(tmp_path / "vae")
+    overrides = [o for o in TINY_VAE if not o.startswith("model.source")]
+    tune = Trainer(load_config("vae", overrides=overrides + [f"model.source={tmp_path / 'vae'}", "model.train=decoder",
+                                                             "optimizer.lr=1.0e-2"]),
+                   tmp_path / "tune", progress=False)
+    tune.run()
+    tune.recipe.export(tmp_path / "tuned")
+    before, after = load_vae(tmp_path / "vae"), load_vae(tmp_path / "tuned")
+    assert after.config.latents_mean == before.config.latents_mean
+    assert after.config.latents_std == before.config.latents_std
+    old, new = before.state_dict(), after.state_dict()
+    unchanged = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    assert unchanged and all(torch.equal(old[k], new[k]) for k in unchanged)
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
+
+
+def test_vae_decoder_fine_tune_needs_a_trained_vae(tmp_path):
+    from tether.errors import TetherError
+
+    with pytest.raises(TetherError, match="model.source must be its folder"):
+        Trainer(load_config("vae", overrides=TINY_VAE + ["model.train=decoder"]), tmp_path / "run", progress=False).run()

@@ -278,19 +278,27 @@ class TextEncoder(nn.Module):
             embeddings[row, : len(prompt_embedding)] = prompt_embedding
         return embeddings
 
+    def embed(self, prompts: Sequence[str]) -> Tensor:
+        """`encode` without its cache and with gradients: for training the encoder itself (the toy one)."""
+        hidden, mask = self._hidden(list(prompts))
+        hidden = hidden * mask[..., None].to(hidden.dtype)  # Wan's exact zeros past each prompt's tokens
+        return torch.nn.functional.pad(hidden, (0, 0, 0, self.text_len - hidden.shape[1]))
+
     def _encode_uncached(self, prompts: list[str]) -> list[Tensor]:
         """One `[token_count, dim]` tensor per prompt."""
+        hidden, mask = self._hidden(prompts)
+        return [row[:count].clone() for row, count in zip(hidden, mask.sum(dim=1).tolist())]
+
+    def _hidden(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """Encoder states `[B, longest, dim]` and the attention mask `[B, longest]` of a batch of prompts."""
         input_ids, attention_mask = self.tokenizer.encode(prompts, self.text_len)
-        token_counts = attention_mask.sum(dim=1).tolist()
         # Padded keys get exactly zero attention weight, so running only up to
         # the longest prompt gives Wan's pad-to-512 result at a fraction of the cost.
-        longest = max(token_counts)
+        longest = int(attention_mask.sum(dim=1).max())
         device = self.model.shared.weight.device
-        hidden = self.model(
-            input_ids=input_ids[:, :longest].to(device),
-            attention_mask=attention_mask[:, :longest].to(device),
-        ).last_hidden_state
-        return [row[:count].clone() for row, count in zip(hidden, token_counts)]
+        mask = attention_mask[:, :longest].to(device)
+        hidden = self.model(input_ids=input_ids[:, :longest].to(device), attention_mask=mask).last_hidden_state
+        return hidden, mask
 
 
 # --------------------------------------------------------------------------

@@ -7,8 +7,11 @@ the step number, so batches are reproducible across resumes and ranks.
   smoke tests at any scale (Wan-scale step time and memory need no data).
 - `latents`: a folder of pre-encoded clips (`latents.pt`: normalised latents
   [N, C, F, h, w] and their text embeddings [N, L, D]), such as the toy world's.
+  Its `prompts.json`, when present, gives each clip's prompt, for recipes
+  that train the text encoder and so cannot use the stored embeddings.
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -35,12 +38,21 @@ class LatentData:
         data = torch.load(path, map_location="cpu", weights_only=True)
         self.latents, self.text = data["latents"], data["text"]
         self.frames = frames or self.latents.shape[2]
+        prompts_file = Path(folder) / "prompts.json"
+        self.prompts = json.loads(prompts_file.read_text())["prompts"] if prompts_file.is_file() else None
+        if self.prompts is not None and len(self.prompts) != len(self.latents):
+            raise TetherError(f"{prompts_file} has {len(self.prompts)} prompts for {len(self.latents)} clips")
 
-    def batch(self, generator: torch.Generator, size: int):
+    def batch(self, generator: torch.Generator, size: int, with_prompts: bool = False):
+        """(latents, text embeddings), plus the clips' prompts if `with_prompts`."""
         index = torch.randint(len(self.latents), (size,), generator=generator)
         start = torch.randint(self.latents.shape[2] - self.frames + 1, (1,), generator=generator).item()
         latents = self.latents[index, :, start:start + self.frames].float()
-        return latents, self.text[index].float()
+        if not with_prompts:
+            return latents, self.text[index].float()
+        if self.prompts is None:
+            raise TetherError("training the text encoder needs the dataset's prompts.json")
+        return latents, self.text[index].float(), [self.prompts[i] for i in index.tolist()]
 
 
 def make_data(cfg: dict, model_cfg):

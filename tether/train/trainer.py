@@ -333,7 +333,12 @@ class Trainer:
 
     # ---- export ------------------------------------------------------------
     def weights(self, name: str, ema: bool = False) -> dict:
-        """Full weights of a model (its EMA if asked and kept), on CPU, on every rank."""
+        """Full weights of a model, on CPU; with `ema`, its EMA's values for the parameters the EMA keeps
+        (the trained ones: a LoRA's adapters, a decoder fine-tune's decoder) and the live rest.
+
+        Every rank takes part in gathering; only rank 0 receives.
+        """
+        weights = get_model_state_dict(self.models[name], options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if ema and name in self.emas:
-            return self.emas[name].state_dict()
-        return get_model_state_dict(self.models[name], options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            weights.update(self.emas[name].state_dict())
+        return weights

@@ -205,9 +205,7 @@ class ContextTeacher(Teacher):
     def export(self, folder):
         from ...model import WanTransformer
 
-        weights = self.trainer.weights("model")  # every rank takes part in gathering, only rank 0 receives
-        if self.cfg.get("ema"):
-            weights.update(self.trainer.weights("model", ema=True))
+        weights = self.trainer.weights("model", ema=True)  # every rank takes part in gathering, only rank 0 receives
         if not self.trainer.is_main:
             return
         if self.lora:

@@ -110,9 +110,7 @@ class DistillationRecipe(Recipe):
         """
         from ...model import WanTransformer
 
-        weights = self.trainer.weights("generator")  # every rank takes part in gathering, only rank 0 receives
-        if self.cfg.get("ema") is not None:
-            weights.update(self.trainer.weights("generator", ema=True))
+        weights = self.trainer.weights("generator", ema=True)  # every rank takes part in gathering, only rank 0 receives
         if not self.trainer.is_main:
             return
         if self.lora:

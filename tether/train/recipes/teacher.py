@@ -4,11 +4,19 @@ x_t = (1 - sigma) x0 + sigma * noise with sigma from the shifted schedule at a
 uniformly drawn training timestep; the model predicts v = noise - x0 and the
 loss is the mean squared error, optionally with classifier-free-guidance
 dropout of the text (the teacher is sampled with CFG).
+
+`text: {train: true, source: FOLDER}` trains the (toy) text encoder along
+with the model, on the dataset's prompts instead of its stored embeddings;
+the export then writes the trained encoder to `text_encoder/`. That is the
+toy-world issue's "frozen-random or trained text encoder" question, asked of
+the teacher, where prompt following is learnt.
 """
 
 import torch
 
 from ...checkpoints import load_transformer, save_transformer
+from ...errors import TetherError
+from ...text import TIED_EMBEDDING_KEY, load_text_encoder, save_toy_text_encoder
 from ...schedule import timestep_grid
 from ..data import make_data
 from ..recipe import Recipe, register_recipe
@@ -50,6 +58,16 @@ class Teacher(Recipe):
         self.batch_size = int(cfg.get("batch_size", 1))
         self.shift = float(cfg.get("shift", 5.0))
         self.text_dropout = float(cfg.get("text_dropout", 0.1))
+        self.text_encoder = None
+        text_cfg = cfg.get("text", {})
+        if text_cfg.get("train"):
+            if "source" not in text_cfg:
+                raise TetherError("text.train needs text.source, the text encoder to start from")
+            self.text_encoder = load_text_encoder(text_cfg["source"], dtype=torch.float32)
+            self.text_encoder.model.requires_grad_(True)
+            self.trainer.add_model("text", self.text_encoder.model, ema=cfg.get("ema"), ema_start=cfg.get("ema_start", 0))
+            self.trainer.add_optimizer_from_config("text", self.text_encoder.model, {**opt, **text_cfg.get("optimizer", {})},
+                                                   default_lr=1e-4)
 
     def step(self, step: int) -> dict:
         total = 0.0
@@ -57,7 +75,11 @@ class Teacher(Recipe):
         size = self.batch_size * trainer.world_size
         for micro in range(trainer.accumulation):
             g = trainer.shared_generator(step, "batch", micro)
-            latents, text = self.data.batch(g, size)
+            if self.text_encoder is None:
+                latents, text = self.data.batch(g, size)
+            else:
+                latents, _, prompts = self.data.batch(g, size, with_prompts=True)
+                text = self.text_encoder.embed(prompts)
             keep = (torch.rand(size, generator=g) >= self.text_dropout).float().view(-1, 1, 1)
             timesteps = sample_timesteps(g, size, self.shift)
             noise = torch.randn(latents.shape, generator=g)
@@ -67,7 +89,10 @@ class Teacher(Recipe):
             trainer.backward(loss, self.model, micro)
             total += loss.item() / trainer.accumulation
         grad_norm = trainer.optimizer_step("model", step)
-        return {"loss": total, "grad_norm": grad_norm}
+        metrics = {"loss": total, "grad_norm": grad_norm}
+        if self.text_encoder is not None:
+            metrics["text_grad_norm"] = trainer.optimizer_step("text", step)
+        return metrics
 
     def export(self, folder):
         from ...model import WanTransformer
@@ -75,3 +100,12 @@ class Teacher(Recipe):
         model = WanTransformer(self.model_cfg)
         model.load_state_dict(self.trainer.weights("model", ema=bool(self.cfg.get("ema"))))
         save_transformer(model, f"{folder}/transformer.safetensors")
+        if self.text_encoder is not None:
+            weights = self.trainer.weights("text", ema=bool(self.cfg.get("ema")))
+            # The EMA keeps each parameter once, under its first name: the token embedding's tied alias
+            # would load the live value over the EMA's.
+            weights.pop(TIED_EMBEDDING_KEY, None)
+            missing, unexpected = self.text_encoder.model.load_state_dict(weights, strict=False)
+            if set(missing) - {TIED_EMBEDDING_KEY} or unexpected:
+                raise TetherError(f"text encoder weights do not fit: missing {missing}, unexpected {unexpected}")
+            save_toy_text_encoder(self.text_encoder, f"{folder}/text_encoder")

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from ...errors import TetherError
 from ...vae import LatentCodec, load_vae, use_onednn_convolutions
 from ..recipe import Recipe, register_recipe
 from ..toy_data import clips_to_video, sample_clip
@@ -140,8 +141,19 @@ class VAE(Recipe):
         vae = load_vae(source, fast_cpu_convolutions=False)  # a folder fine-tunes a trained VAE
         if cfg.get("model", {}).get("init") == "kaiming" and not Path(source).exists():
             kaiming_init(vae, seed=int(cfg.get("seed", 0)))
-        self.vae = self.trainer.add_model("vae", vae.float().train().requires_grad_(True), ema=cfg.get("ema"),
-                                          ema_start=cfg.get("ema_start", 0))
+        vae = vae.float().train().requires_grad_(True)
+        # `decoder`: fine-tune how latents are drawn and keep what they mean. The encoder (and so
+        # the latent space every transformer was trained on) stays as it is, so a sharper decoder
+        # improves the shipped models' videos without retraining any of them.
+        self.train_part = str(cfg.get("model", {}).get("train", "all"))
+        if self.train_part not in ("all", "decoder"):
+            raise TetherError(f"model.train must be 'all' or 'decoder', got '{self.train_part}'")
+        if self.train_part == "decoder":
+            if not Path(source).exists():
+                raise TetherError("model.train=decoder fine-tunes a trained VAE: model.source must be its folder")
+            vae.encoder.requires_grad_(False)
+            vae.quant_conv.requires_grad_(False)
+        self.vae = self.trainer.add_model("vae", vae, ema=cfg.get("ema"), ema_start=cfg.get("ema_start", 0))
         opt = cfg.get("optimizer", {})
         self.trainer.add_optimizer("vae", self.vae, lr=float(opt.get("lr", 5e-4)), betas=opt.get("betas", (0.9, 0.999)),
                                    weight_decay=float(opt.get("weight_decay", 0.0)), schedule=opt.get("schedule", "constant"),
@@ -196,7 +208,8 @@ class VAE(Recipe):
         return (batch, config.z_dim, 1 + (frames - 1) // _temporal_stride(self.vae), height // 8, width // 8)
 
     def losses(self, video: torch.Tensor, noise: torch.Tensor) -> dict:
-        posterior = self.vae.encode(video).latent_dist
+        with torch.set_grad_enabled(self.train_part == "all"):
+            posterior = self.vae.encode(video).latent_dist
         latents = posterior.mean + posterior.std * noise if self.sample_posterior else posterior.mean
         recon = decode_without_clamp(self.vae, latents)
         terms = {
@@ -243,7 +256,10 @@ class VAE(Recipe):
         vae.eval().requires_grad_(False)
         use_onednn_convolutions(vae)  # single-clip encodes on CPU: ~2x faster (see tether.vae)
         frames = int(export_cfg.get("frames", 33))
-        mean, std = latent_statistics(vae, int(export_cfg.get("stats_clips", 32)), frames, self.size)
+        if self.train_part == "decoder":
+            mean, std = self.vae.config.latents_mean, self.vae.config.latents_std  # the same encoder, the same latents
+        else:
+            mean, std = latent_statistics(vae, int(export_cfg.get("stats_clips", 32)), frames, self.size)
         vae.register_to_config(latents_mean=mean, latents_std=std)
         dtype = getattr(torch, str(export_cfg.get("dtype", "float32")))
         folder = Path(folder)
