@@ -56,3 +56,16 @@ def test_reference_scores_the_renders_and_their_vae_round_trip(tmp_path):
     assert all(truth[a]["mean"] is None or truth[a]["mean"] >= 0.9 for a in ATTRIBUTES)
     assert [c["prompt"] for c in report["truth"]["per_clip"]] == [c["prompt"] for c in report["vae"]["per_clip"]]
     assert "vae" in result.stdout and "truth" in result.stdout
+
+
+def test_summary_gives_each_mean_its_standard_error_over_clips():
+    def clip(shape):
+        return {"adherence": {"background": None, "shape": shape, "colour": None, "pattern": None, "size": None},
+                "identity": {}, "scored_frames": 1}
+
+    summary = summarise([clip(1.0), clip(0.0), clip(0.5), clip(None)])
+    shape = summary["adherence"]["shape"]
+    assert shape["clips"] == 3 and shape["mean"] == 0.5
+    assert np.isclose(shape["stderr"], np.std([1.0, 0.0, 0.5], ddof=1) / np.sqrt(3))
+    assert summary["adherence"]["colour"] == {"mean": None, "stderr": None, "clips": 0}
+    assert summarise([clip(1.0)])["adherence"]["shape"]["stderr"] is None  # one clip has no spread

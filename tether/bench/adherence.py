@@ -91,10 +91,16 @@ def score_clip(probe, prompt: str, frames: np.ndarray) -> dict:
 
 
 def summarise(clips: list) -> dict:
-    """Per attribute: mean over the clips that state it (adherence) or leave it open (identity)."""
+    """Per attribute: mean over the clips that state it (adherence) or leave it open (identity).
+
+    With each mean, its standard error over clips: object attributes are only
+    scored on clips where the probe finds the subject, often a few dozen of a
+    hundred, and two models' difference means little until it exceeds that.
+    """
     def mean_of(kind, attribute):
         values = [c[kind][attribute] for c in clips if c[kind].get(attribute) is not None]
-        return {"mean": float(np.mean(values)) if values else None, "clips": len(values)}
+        stderr = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+        return {"mean": float(np.mean(values)) if values else None, "stderr": stderr, "clips": len(values)}
 
     adherence = {a: mean_of("adherence", a) for a in ATTRIBUTES}
     identity = {a: mean_of("identity", a) for a in ATTRIBUTES[1:]}
@@ -158,13 +164,21 @@ def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, pol
 
 def format_report(report: dict) -> str:
     names = [n for n in ("student", "teacher", "vae", "truth") if n in report]
-    lines = [f"{'attribute':<12}" + "".join(f"{n:>10}" for n in names) + f"{'bar':>8}"]
+    lines = [f"{'attribute':<12}" + "".join(f"{n:>16}" for n in names) + f"{'bar':>8}"]
     for a in ATTRIBUTES:
-        cells = "".join(f"{_percent(report[n]['adherence'][a]['mean']):>10}" for n in names)
+        cells = "".join(f"{_with_error(report[n]['adherence'][a]):>16}" for n in names)
         lines.append(f"{a:<12}{cells}{_percent(BARS[a]):>8}")
     lines.append(f"{'identity':<12}" + "".join(
-        f"{_percent(_mean([v['mean'] for v in report[n]['identity'].values()])):>10}" for n in names))
+        f"{_percent(_mean([v['mean'] for v in report[n]['identity'].values()])):>16}" for n in names))
     return "\n".join(lines)
+
+
+def _with_error(entry: dict) -> str:
+    """'74.2% ±3.1 (84)': mean, standard error in points, clips scored."""
+    if entry["mean"] is None:
+        return "-"
+    error = f" ±{100 * entry['stderr']:.1f}" if entry.get("stderr") is not None else ""
+    return f"{_percent(entry['mean'])}{error} ({entry['clips']})"
 
 
 def _mean(values):
