@@ -14,6 +14,7 @@ def add_bench_parser(subparsers) -> None:
     _add_cost_parser(benchmarks)
     _add_quality_parser(benchmarks)
     _add_adherence_parser(benchmarks)
+    _add_latents_parser(benchmarks)
 
 
 def _add_cost_parser(benchmarks) -> None:
@@ -45,6 +46,20 @@ def _add_adherence_parser(benchmarks) -> None:
     p.add_argument("--json", help="write the report to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=lambda args: __import__("tether.bench.adherence", fromlist=["main"]).main(args))
+
+
+def _add_latents_parser(benchmarks) -> None:
+    p = benchmarks.add_parser(
+        "latents", help="what a VAE's latents keep: a classifier on an encoded toy dataset's latent frames",
+        description="Train a small CNN on the latent frames of an encoded toy dataset to read the subject's attributes "
+                    "(world ground truth), and score it on held-out clips: an encoder loss shows here, a decoder loss does not.")
+    p.add_argument("dataset", help="an encoded toy dataset folder (latents.pt + prompts.json), e.g. runs/toy/dataset")
+    p.add_argument("--clips", type=int, help="use the first N clips (default: all); the last 20%% are held out")
+    p.add_argument("--steps", type=int, default=3000, help="classifier training steps (default 3000)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--json", help="write the report to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=lambda args: __import__("tether.bench.latents", fromlist=["main"]).main(args))
 
 
 def _add_quality_parser(benchmarks) -> None:

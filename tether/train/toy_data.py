@@ -38,10 +38,22 @@ def sample_clip(seed: int, index: int, num_frames: int = 81, size: int = 64, wit
     left-out attributes); what a prompt leaves out, the renderer fills in from
     the same seed, so the clip always agrees with its prompt.
     """
+    prompt, render_seed = _clip_script(seed, index)
+    frames, truths = render_clip(prompt, num_frames, seed=render_seed, size=size)
+    return (frames, prompt, truths) if with_truth else (frames, prompt)
+
+
+def clip_truths(seed: int, index: int, num_frames: int = 81, only=None) -> list:
+    """The FrameTruths of `sample_clip(seed, index, num_frames)` (of the frames in `only`, if given)."""
+    prompt, render_seed = _clip_script(seed, index)
+    return render_clip(prompt, num_frames, seed=render_seed, size=64, only=only)[1]
+
+
+def _clip_script(seed: int, index: int) -> tuple:
+    """Clip `index` of stream `seed`: its prompt and the seed its render fills the rest in from."""
     rng = np.random.default_rng([_CLIP_SALT, int(seed), int(index)])
     prompt = random_prompt(rng, omit_probability=OMIT_PROBABILITY)
-    frames, truths = render_clip(prompt, num_frames, seed=int(rng.integers(2**31)), size=size)
-    return (frames, prompt, truths) if with_truth else (frames, prompt)
+    return prompt, int(rng.integers(2**31))
 
 
 def clips_to_video(frames_list) -> torch.Tensor:
