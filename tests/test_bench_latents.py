@@ -40,9 +40,9 @@ def test_the_classifier_reads_what_the_latents_hold_and_nothing_else(one_thread)
     generator = torch.Generator().manual_seed(0)
     is_test = torch.arange(600) >= 480
     inputs, labels = _synthetic(600, generator, informative=True)
-    assert min(classify(inputs, labels, is_test, steps=300, progress=False).values()) > 0.95
+    assert min(classify(inputs, labels, is_test, steps=200, batch_size=32, progress=False).values()) > 0.95
     inputs, labels = _synthetic(600, generator, informative=False)
-    noise = classify(inputs, labels, is_test, steps=300, progress=False)
+    noise = classify(inputs, labels, is_test, steps=200, batch_size=32, progress=False)
     assert noise["shape"] < 0.4 and noise["colour"] < 0.4  # chance: 0.2 and 0.17
 
 

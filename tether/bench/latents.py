@@ -26,15 +26,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import TetherError
+from ..world.vocab import COLOUR_NAMES, PATTERNS, SHAPES, SIZES
 
+ATTRIBUTES = (("shape", SHAPES), ("colour", COLOUR_NAMES), ("pattern", PATTERNS), ("size", SIZES))
 HELD_OUT_SHARE = 0.2  # the last clips of the dataset are the test set
 FULLY_IN_VIEW = 0.9  # visible_fraction of the one object a labelled frame shows
-
-
-def _attributes():
-    from ..world.vocab import COLOUR_NAMES, PATTERNS, SHAPES, SIZES
-
-    return (("shape", SHAPES), ("colour", COLOUR_NAMES), ("pattern", PATTERNS), ("size", SIZES))
 
 
 def frame_labels(seed: int, clips: int, num_frames: int, temporal_stride: int = 4):
@@ -46,14 +42,13 @@ def frame_labels(seed: int, clips: int, num_frames: int, temporal_stride: int = 
 
     latent_frames = 1 + (num_frames - 1) // temporal_stride
     shown = [0] + [temporal_stride * k - 2 for k in range(1, latent_frames)]
-    attributes = _attributes()
     where, labels = [], []
     for clip in range(clips):
         for k, truth in enumerate(clip_truths(seed, clip, num_frames, only=shown)):
             visible = [o for o in truth.objects if o.visible]
             if len(visible) == 1 and visible[0].visible_fraction >= FULLY_IN_VIEW:
                 where.append((clip, k))
-                labels.append([values.index(getattr(visible[0], name)) for name, values in attributes])
+                labels.append([values.index(getattr(visible[0], name)) for name, values in ATTRIBUTES])
     return torch.tensor(where, dtype=torch.long).view(-1, 2), torch.tensor(labels, dtype=torch.long).view(-1, 4)
 
 
@@ -65,7 +60,7 @@ class LatentClassifier(nn.Module):
         self.body = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
                                   nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
                                   nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
-        self.heads = nn.ModuleList(nn.Linear(width, len(values)) for _, values in _attributes())
+        self.heads = nn.ModuleList(nn.Linear(width, len(values)) for _, values in ATTRIBUTES)
 
     def forward(self, latents):
         features = self.body(latents).amax(dim=(2, 3))
@@ -95,7 +90,7 @@ def classify(inputs: torch.Tensor, labels: torch.Tensor, is_test: torch.Tensor, 
     with torch.no_grad():
         outs = net(inputs[is_test])
     return {name: float((out.argmax(1) == labels[is_test, j]).float().mean())
-            for j, ((name, _), out) in enumerate(zip(_attributes(), outs))}
+            for j, ((name, _), out) in enumerate(zip(ATTRIBUTES, outs))}
 
 
 def run(dataset, clips: int | None = None, steps: int = 3000, progress: bool = True) -> dict:
@@ -114,7 +109,7 @@ def run(dataset, clips: int | None = None, steps: int = 3000, progress: bool = T
     accuracy = classify(inputs, labels, is_test, steps=steps, progress=progress)
     return {"dataset": str(folder), "clips": clips, "labelled_frames": len(labels), "test_frames": int(is_test.sum()),
             "steps": steps, "accuracy": accuracy,
-            "chance": {name: 1 / len(values) for name, values in _attributes()},
+            "chance": {name: 1 / len(values) for name, values in ATTRIBUTES},
             "seconds": round(time.perf_counter() - began, 1)}
 
 
