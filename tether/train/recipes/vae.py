@@ -154,10 +154,7 @@ class VAE(Recipe):
             vae.encoder.requires_grad_(False)
             vae.quant_conv.requires_grad_(False)
         self.vae = self.trainer.add_model("vae", vae, ema=cfg.get("ema"), ema_start=cfg.get("ema_start", 0))
-        opt = cfg.get("optimizer", {})
-        self.trainer.add_optimizer("vae", self.vae, lr=float(opt.get("lr", 5e-4)), betas=opt.get("betas", (0.9, 0.999)),
-                                   weight_decay=float(opt.get("weight_decay", 0.0)), schedule=opt.get("schedule", "constant"),
-                                   final_lr_ratio=float(opt.get("final_lr_ratio", 1.0)), warmup=int(opt.get("warmup", 0)))
+        self.trainer.add_optimizer_from_config("vae", self.vae, cfg.get("optimizer", {}), default_lr=5e-4)
         data = cfg.get("data", {})
         stride = _temporal_stride(vae)
         self.num_frames = 1 + stride * (int(data.get("frames", 3)) - 1)
