@@ -14,18 +14,23 @@ from tether.timeline import Segment, Timeline
 CFG = CONFIGS["tiny"]
 
 
-@pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
-    ours = WanTransformer(CFG).eval()
+def ours_and_diffusers(cfg, seed: int):
+    """Our transformer at `cfg` and diffusers' WanTransformer3DModel holding the same weights."""
+    torch.manual_seed(seed)
+    ours = WanTransformer(cfg).eval()
     converted = convert_wan_transformer_to_diffusers({k: v.clone() for k, v in ours.state_dict().items()})
     reference = WanTransformer3DModel(
-        patch_size=CFG.patch_size, num_attention_heads=CFG.num_heads, attention_head_dim=CFG.head_dim,
-        in_channels=CFG.in_channels, out_channels=CFG.out_channels, text_dim=CFG.text_dim, freq_dim=CFG.freq_dim,
-        ffn_dim=CFG.ffn_dim, num_layers=CFG.num_layers, cross_attn_norm=True, eps=CFG.eps,
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, eps=cfg.eps,
     ).eval()
     reference.load_state_dict(converted, strict=True)
     return ours, reference
+
+
+@pytest.fixture(scope="module")
+def models():
+    return ours_and_diffusers(CFG, seed=0)
 
 
 def padded_text(batch, length=CFG.text_len, used=7):
@@ -166,3 +171,18 @@ def test_text_cache_is_bounded(models):
     assert len(stream._text_cache) == Stream.TEXT_CACHE_SIZE
     assert stream.text_context("p19") is stream._text_cache["p19"]
     assert stream.text_context("p0") is not first  # evicted, then encoded again
+
+
+@torch.no_grad()
+def test_four_by_four_patches_match_diffusers():
+    """The "toy-s4" layout (patch (1, 4, 4), over a stride-4 VAE's latents) against diffusers too."""
+    from dataclasses import replace
+
+    cfg = replace(CFG, patch_size=(1, 4, 4))
+    ours, reference = ours_and_diffusers(cfg, seed=1)
+    x = torch.randn(1, cfg.in_channels, 3, 16, 8)
+    t = torch.tensor([700.0])
+    text = padded_text(1)
+    ours_out = ours.forward_bidirectional(x, t, text)
+    assert ours_out.shape == x.shape
+    assert (ours_out - reference(x, t, text, return_dict=False)[0]).abs().max() <= 1e-5

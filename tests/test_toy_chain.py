@@ -65,6 +65,21 @@ def test_vae_export_normalises_latents_and_loads_back(tmp_path):
     assert 0.2 < latents.std().item() < 5.0
 
 
+def test_stride_four_vae_trains_at_its_own_latent_size(tmp_path):
+    """data.height counts latent pixels at the VAE's own stride: 4 of them are 16 px for "toy-s4"."""
+    overrides = TINY_VAE + ["model.source=toy-s4", "data.height=4", "data.width=4"]
+    trainer = Trainer(load_config("vae", overrides=overrides), tmp_path / "run", progress=False)
+    trainer.run()
+    assert trainer.recipe.size == 16
+    trainer.recipe.export(tmp_path / "vae")
+    codec = LatentCodec(load_vae(tmp_path / "vae"))
+    assert codec.spatial_stride == 4
+    frames, _ = sample_clip(5, 0, num_frames=5, size=16)
+    from tether.train.toy_data import clips_to_video
+
+    assert codec.encode(clips_to_video([frames])).shape == (1, 16, 2, 4, 4)
+
+
 def _tether(*argv) -> int:
     """The CLI in-process (a subprocess would spend most of the test importing torch and diffusers)."""
     from tether.cli import build_parser
@@ -85,6 +100,22 @@ def test_toy_chain_cli_runs_until_text(tmp_path, capsys):
     capsys.readouterr()
     assert _tether("train", "toy", *overrides, "--out", str(out), "--until", "text", "--quiet") == 0
     assert capsys.readouterr().out.count("skipped") == 2
+
+
+def test_student_stage_starts_the_causal_student_from_the_teacher(tmp_path, monkeypatch):
+    """ode-init regresses the teacher's own weights onto its trajectories, not a random init."""
+    from tether.train.toy import ToyChain
+
+    chain = ToyChain(tmp_path, progress=False)
+    calls = []
+    monkeypatch.setattr(chain, "_train", lambda recipe, extra=(): calls.append((recipe, list(extra))) or ({}, {}))
+    chain.stage_student()
+    teacher = str(chain.transformer_of("teacher"))
+    (ode, ode_extra), (sf, sf_extra) = calls
+    assert ode == "ode-init" and f"model.source={teacher}" in ode_extra
+    assert not any(item.startswith("teacher.source=") for item in ode_extra)  # follows model.source
+    assert sf == "self-forcing" and f"model.source={chain.transformer_of('ode-init')}" in sf_extra
+    assert f"teacher.source={teacher}" in sf_extra
 
 
 def test_toy_chain_rejects_unknown_stages(tmp_path):

@@ -54,6 +54,10 @@ CONFIGS = {
                         text_dim=32, text_len=16),
     "toy": ModelConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=8, in_channels=16, out_channels=16,
                        text_dim=128, text_len=32),
+    # The toy transformer over the "toy-s4" VAE's 16x16 latents: 4x4 patches keep 4x4 tokens per
+    # latent frame, so it costs what "toy" costs while the VAE keeps four times the detail.
+    "toy-s4": ModelConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=8, in_channels=16, out_channels=16,
+                          text_dim=128, text_len=32, patch_size=(1, 4, 4)),
 }
 
 

@@ -60,7 +60,8 @@ class Pipeline:
         self.height, self.width = size
         self.fps = fps
         self.description = description
-        self.latent_shape = (model.config.in_channels, self.height // 8, self.width // 8)
+        stride = codec.spatial_stride if codec is not None else 8
+        self.latent_shape = (model.config.in_channels, self.height // stride, self.width // stride)
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         with torch.no_grad():

@@ -218,7 +218,9 @@ class ToyChain:
             print(f"  {message}", flush=True)
             return message
         teacher = str(self.transformer_of("teacher"))
-        self._train_once("ode-init", self._data_overrides() + [f"teacher.source={teacher}"])
+        # The causal student starts from the bidirectional teacher's weights, as CausVid and Self-Forcing
+        # start from Wan (teacher.source unset follows model.source).
+        self._train_once("ode-init", self._data_overrides() + [f"model.source={teacher}"])
         self._train("self-forcing", self._data_overrides() + [f"model.source={self.transformer_of('ode-init')}",
                                                               f"teacher.source={teacher}"])
         return "ode-init + self-forcing"

@@ -7,8 +7,8 @@ latents that carry almost nothing of the frame.
 Batches are short world clips (1 + 4k frames, k = `data.frames` - 1) cut at a
 random point of an 81-frame clip, so objects are seen mid-motion, entering,
 leaving and under camera pans. `data.frames/height/width` count *latent*
-frames and latent pixels (pixels / 8), as every other recipe's data section
-does; `data.crop` (latent pixels) trains on random square crops.
+frames and latent pixels (pixels / the VAE's spatial stride, 8 or 4), as every
+other recipe's data section does; `data.crop` (latent pixels) trains on random square crops.
 
 Loss, on pixels in [-1, 1]:
 - L1 + MSE: L1 keeps flat colour regions exact, MSE punishes the rare large
@@ -58,6 +58,10 @@ HELD_OUT_SEED = 1  # training draws from stream data.seed (0); evaluation and st
 
 def _temporal_stride(vae) -> int:
     return vae.config.scale_factor_temporal or 4
+
+
+def _spatial_stride(vae) -> int:
+    return vae.config.scale_factor_spatial or 8
 
 
 def psnr(reference_uint8: torch.Tensor, decoded_uint8: torch.Tensor) -> float:
@@ -158,11 +162,12 @@ class VAE(Recipe):
         data = cfg.get("data", {})
         stride = _temporal_stride(vae)
         self.num_frames = 1 + stride * (int(data.get("frames", 3)) - 1)
-        self.size = 8 * int(data.get("height", 8))
+        self.spatial_stride = _spatial_stride(vae)
+        self.size = self.spatial_stride * int(data.get("height", 8))
         self.data_seed = int(data.get("seed", 0))
         # Training on random crops of the rendered frames: the VAE is convolutional, so a crop teaches
         # the same local code at a quarter of the cost, i.e. 4x more updates in the same CPU time.
-        self.crop = min(self.size, 8 * int(data["crop"])) if data.get("crop") else self.size
+        self.crop = min(self.size, self.spatial_stride * int(data["crop"])) if data.get("crop") else self.size
         # Objects cover a few % of a frame, so random crops rarely hold one and the loss is all
         # background: this share of crops is centred on an object instead.
         self.object_crops = float(data.get("object_crops", 0.0))
@@ -202,7 +207,7 @@ class VAE(Recipe):
     def latent_shape(self, video: torch.Tensor) -> tuple:
         config = self.vae.config
         batch, _, frames, height, width = video.shape
-        return (batch, config.z_dim, 1 + (frames - 1) // _temporal_stride(self.vae), height // 8, width // 8)
+        return (batch, config.z_dim, 1 + (frames - 1) // _temporal_stride(self.vae), height // self.spatial_stride, width // self.spatial_stride)
 
     def losses(self, video: torch.Tensor, noise: torch.Tensor) -> dict:
         with torch.set_grad_enabled(self.train_part == "all"):
