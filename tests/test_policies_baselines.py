@@ -343,3 +343,30 @@ def test_save_and_restore_mid_stream(model, name, options, save_after):
     assert len(rest) == len(uninterrupted) - save_after
     for a, b in zip(rest, uninterrupted[save_after:]):
         assert torch.equal(a, b)
+
+
+def test_a_bundle_samples_at_the_shift_it_was_trained_with(tmp_path):
+    """pipeline.json "shift" places every sampler's steps; adapter bundles inherit their base's."""
+    import json
+    import os
+
+    from tether.pipeline import BUILTIN, load_pipeline
+    from tether.schedule import warp_steps
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for part in ("transformer.safetensors", "text_encoder", "vae"):
+        os.symlink(BUILTIN / part, bundle / part)
+    meta = json.loads((BUILTIN / "pipeline.json").read_text())
+    (bundle / "pipeline.json").write_text(json.dumps(meta | {"shift": 1.0}))
+    pipe = load_pipeline(str(bundle))
+    assert pipe.shift == 1.0
+    assert pipe.make_stream("window").sampler.timesteps == [1000.0, 750.0, 500.0, 250.0]
+    assert pipe.make_stream("rolling").sampler.timesteps == [1000.0, 800.0, 600.0, 400.0, 200.0]
+    assert load_pipeline().make_stream("window").sampler.timesteps == warp_steps([1000, 750, 500, 250], 5.0)
+    adapter = tmp_path / "adapter-bundle"
+    adapter.mkdir()
+    os.symlink(BUILTIN.parent / "context-forcing" / "adapter", adapter / "adapter")
+    (adapter / "pipeline.json").write_text(json.dumps({"base": os.path.relpath(bundle, adapter), "lora": "adapter",
+                                                        "height": 64, "width": 64}))
+    assert load_pipeline(str(adapter)).shift == 1.0

@@ -24,6 +24,7 @@ import torch
 
 from .errors import TetherError
 from .memory import make_policy
+from .schedule import DEFAULT_SHIFT
 from .stream import Stream
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -52,9 +53,11 @@ DEFAULT_POLICY = "window"
 
 
 class Pipeline:
-    def __init__(self, model, text_encoder, codec, size, fps: int = 16, description: str = "", policy: str = DEFAULT_POLICY):
+    def __init__(self, model, text_encoder, codec, size, fps: int = 16, description: str = "", policy: str = DEFAULT_POLICY,
+                 shift: float = DEFAULT_SHIFT):
         self.model = model
         self.policy = policy  # the memory policy the model was trained with, which it runs by default
+        self.shift = shift  # the timestep shift it was trained with: its sampler must use the same
         self.text_encoder = text_encoder
         self.codec = codec
         self.height, self.width = size
@@ -70,6 +73,7 @@ class Pipeline:
     def make_stream(self, policy="window", seed: int = 0, switch=None, policy_options=None, **stream_options) -> Stream:
         if isinstance(policy, str):
             policy = make_policy(policy, **(policy_options or {}))
+        stream_options.setdefault("shift", self.shift)
         return Stream(self.model, policy, self.encode_prompt, self.latent_shape, switch=switch, seed=seed, **stream_options)
 
     def generate(self, timeline, policy="window", seed: int = 0, switch=None, decode: bool = True, stream=None,
@@ -132,6 +136,7 @@ def _bundle(folder: Path, device, dtype) -> Pipeline:
         model = load_transformer(str(base / "transformer.safetensors"), dtype=dtype, device=device,
                                  lora=str(folder / meta.get("lora", "adapter")))
         components = base
+        meta.setdefault("shift", json.loads((base / "pipeline.json").read_text()).get("shift", DEFAULT_SHIFT))
     else:
         model = load_transformer(str(folder / "transformer.safetensors"), dtype=dtype, device=device)
         components = folder
@@ -139,7 +144,7 @@ def _bundle(folder: Path, device, dtype) -> Pipeline:
     codec = LatentCodec(load_vae(str(components / "vae"), device=device))
     size = (meta["height"], meta["width"])
     return Pipeline(model.eval(), text, codec, size, fps=meta.get("fps", 16), description=meta.get("description", str(folder)),
-                    policy=meta.get("policy", DEFAULT_POLICY))
+                    policy=meta.get("policy", DEFAULT_POLICY), shift=float(meta.get("shift", DEFAULT_SHIFT)))
 
 
 def _wan(folder: Path, transformer_source, device, dtype, **load_options) -> Pipeline:

@@ -13,7 +13,7 @@ policies with their own sampling scheme (Rolling Forcing) provide another.
 import torch
 
 from .memory.base import CachedFrame
-from .schedule import add_noise, predict_x0, warp_steps
+from .schedule import DEFAULT_SHIFT, add_noise, predict_x0, warp_steps
 
 
 def frames_from_capture(captured, latents, first_index: int, grid) -> list:
@@ -43,7 +43,7 @@ def commit(stream, x0, view, text_ctx, first_index=None):
 
 
 class FewStepSampler:
-    def __init__(self, denoising_steps=(1000, 750, 500, 250), shift: float = 5.0, warp: bool = True):
+    def __init__(self, denoising_steps=(1000, 750, 500, 250), shift: float = DEFAULT_SHIFT, warp: bool = True):
         self.timesteps = warp_steps(denoising_steps, shift) if warp else [float(t) for t in denoising_steps]
 
     def forwards_per_chunk(self) -> int:

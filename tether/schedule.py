@@ -6,6 +6,10 @@ so x0 = x_t - sigma * v. Timestep = 1000 * sigma.
 
 import torch
 
+# Wan2.1's and Self-Forcing's timestep shift at 480p. A model trained with another shift states it
+# (a bundle's pipeline.json "shift"), and its sampler must use that one.
+DEFAULT_SHIFT = 5.0
+
 
 def shifted_sigma(s: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)

@@ -16,17 +16,24 @@ import torch
 from .memory.switch import make_switch_rule
 from .model.transformer import TextContext
 from .sampler import FewStepSampler, frames_from_capture
+from .schedule import DEFAULT_SHIFT
 
 
 class Stream:
     def __init__(self, model, policy, encode_prompt, latent_shape, sampler=None, switch=None, seed: int = 0,
-                 context_noise: float = 0.0, chunk_frames: int = 3, on_layout=None):
-        """`encode_prompt(str) -> text embeddings [1, L, text_dim]`; latent_shape = (C, h, w)."""
+                 context_noise: float = 0.0, chunk_frames: int = 3, on_layout=None, shift: float = DEFAULT_SHIFT):
+        """`encode_prompt(str) -> text embeddings [1, L, text_dim]`; latent_shape = (C, h, w).
+
+        `shift` is the timestep shift the model was trained with (the pipeline's); it places the
+        sampler's few denoising steps on the same noise levels the model learnt them at.
+        """
         self.model = model
         self.policy = policy
         self.encode_prompt = encode_prompt
         self.latent_shape = tuple(latent_shape)
-        self.sampler = sampler or getattr(policy, "make_sampler", lambda: None)() or FewStepSampler()
+        if sampler is None:
+            sampler = policy.make_sampler(shift) if hasattr(policy, "make_sampler") else FewStepSampler(shift=shift)
+        self.sampler = sampler
         self.switch_rule = make_switch_rule(switch or policy.default_switch)
         self.switch_rule.check(policy)
         self.context_noise = context_noise

@@ -111,7 +111,7 @@ def summarise(clips: list) -> dict:
 
 
 def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, policy: str | None = None,
-        teacher_steps: int = 24, shift: float = 5.0, guidance: float = 3.0, progress: bool = True,
+        teacher_steps: int = 24, shift: float | None = None, guidance: float = 3.0, progress: bool = True,
         student: bool = True, reference: bool = False) -> dict:
     from ..checkpoints import load_transformer
     from ..pipeline import load_pipeline
@@ -120,6 +120,7 @@ def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, pol
 
     pipe = load_pipeline(checkpoint)
     policy = policy or pipe.policy  # a student runs the memory it was trained with
+    shift = pipe.shift if shift is None else shift  # the teacher trained with the student's schedule
     probe = load_probe(str(PROBE_PATH))
     teacher = load_transformer(str(teacher_path)).eval() if teacher_path else None
     prompts = random_prompts(clips, seed)

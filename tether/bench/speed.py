@@ -117,7 +117,8 @@ def random_pipeline(config_name: str, size, device, dtype) -> Pipeline:
 
 
 def resized(pipe: Pipeline, size) -> Pipeline:
-    return Pipeline(pipe.model, pipe.text_encoder, pipe.codec, size, fps=pipe.fps, description=pipe.description)
+    return Pipeline(pipe.model, pipe.text_encoder, pipe.codec, size, fps=pipe.fps, description=pipe.description,
+                    shift=pipe.shift)
 
 
 # ----------------------------------------------------------------------------- measuring helpers
@@ -310,7 +311,7 @@ class RecomputingWindow:
         self.model = pipe.model
         self.latent_shape = pipe.latent_shape
         self.window, self.chunk_frames = window, chunk_frames
-        self.sampler = FewStepSampler()
+        self.sampler = FewStepSampler(shift=pipe.shift)
         self.rng = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             self.text = self.model.encode_text(pipe.encode_prompt(prompt).to(self.model.device))

@@ -13,7 +13,8 @@ working cache; keys are capped at 21 frames. Cost: 1 forward of <= 15 frames
 Where tether chose:
 - The step list is warped onto the shifted grid like Self-Forcing's
   (`schedule.warp_steps`: 800 -> 952.4, ..., 200 -> 555.6): Rolling Forcing
-  inherits Self-Forcing's sampler, and "shift 5" is how that code applies it.
+  inherits Self-Forcing's sampler, and "shift 5" is how that code applies it
+  (a model trained at another shift gets its own, through the stream).
   `warp=False` uses the nominal values.
 - The 21-frame cap counts the window's own 15 frames, so the cache holds at
   most 6: the sink (frames 0-2) and the last committed chunk. Committed
@@ -37,7 +38,7 @@ import torch
 from ..errors import TetherError
 from ..model.transformer import TextContext
 from .. import sampler  # the module, not its names: tether.sampler imports tether.memory
-from ..schedule import add_noise, predict_x0, warp_steps
+from ..schedule import DEFAULT_SHIFT, add_noise, predict_x0, warp_steps
 from .base import Layout
 from .sink import SinkAndRecent
 
@@ -57,7 +58,7 @@ class Rolling(SinkAndRecent):
     positions = (0, math.inf)
 
     def __init__(self, chunk_frames: int = 3, window_chunks: int = 5, key_frames: int = KEY_FRAMES,
-                 denoising_steps=ROLLING_STEPS, shift: float = 5.0, warp: bool = True):
+                 denoising_steps=ROLLING_STEPS, warp: bool = True):
         if window_chunks != len(denoising_steps):
             raise TetherError(f"rolling: a window of {window_chunks} chunks needs {window_chunks} denoising steps, "
                               f"got {len(denoising_steps)}")
@@ -66,7 +67,6 @@ class Rolling(SinkAndRecent):
         self.window_chunks = window_chunks
         self.key_frames = key_frames
         self.denoising_steps = tuple(denoising_steps)
-        self.shift = shift
         self.warp = warp
         self.sink_frames = chunk_frames  # the first chunk
         super().__init__(chunk_frames)
@@ -79,8 +79,9 @@ class Rolling(SinkAndRecent):
     def recent_frames(self) -> int:
         return self.max_frames - self.chunk_frames
 
-    def make_sampler(self) -> "RollingSampler":
-        return RollingSampler(self.denoising_steps, self.shift, self.warp)
+    def make_sampler(self, shift: float = DEFAULT_SHIFT) -> "RollingSampler":
+        """The window sampler, on the noise levels of the model's schedule `shift`."""
+        return RollingSampler(self.denoising_steps, shift, self.warp)
 
     def layout(self, num_query_frames: int) -> Layout:
         first_working = self.recent[0].index if self.recent else self.next_index
@@ -95,7 +96,7 @@ class Rolling(SinkAndRecent):
 class RollingSampler:
     """Denoises a window of chunks at staggered noise levels; `next_chunk` returns the one that finishes."""
 
-    def __init__(self, denoising_steps=ROLLING_STEPS, shift: float = 5.0, warp: bool = True):
+    def __init__(self, denoising_steps=ROLLING_STEPS, shift: float = DEFAULT_SHIFT, warp: bool = True):
         self.timesteps = warp_steps(denoising_steps, shift) if warp else [float(t) for t in denoising_steps]
         self.window = []  # InFlightChunk, oldest (least noisy) first
 

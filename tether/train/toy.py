@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from ..errors import TetherError
+from ..schedule import DEFAULT_SHIFT
 
 SHIPPED_VAE = Path(__file__).resolve().parent.parent / "weights" / "default" / "vae"
 STAGES = ("vae", "text", "dataset", "teacher", "student", "export",
@@ -250,7 +251,9 @@ class ToyChain:
         shutil.copytree(self.vae_folder, tmp / "vae")
         toy = CONFIGS["toy"]
         clips = json.loads((self.dataset_folder / "prompts.json").read_text())["num_clips"]
+        run_config = json.loads((transformer.parent.parent / "config.json").read_text())
         meta = {"height": dataset["size"], "width": dataset["size"], "fps": 16,
+                "shift": float(run_config.get("shift", DEFAULT_SHIFT)),  # its sampler must use the shift it trained at
                 "description": f"toy world model: {what}; toy VAE; {toy.num_layers}-layer dim-{toy.dim} transformer; "
                                f"trained by `tether train toy` on {clips} world clips"}
         (tmp / "pipeline.json").write_text(json.dumps(meta, indent=1) + "\n")
