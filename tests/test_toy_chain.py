@@ -169,3 +169,67 @@ def test_vae_decoder_fine_tune_needs_a_trained_vae(tmp_path):
 
     with pytest.raises(TetherError, match="model.source must be its folder"):
         Trainer(load_config("vae", overrides=TINY_VAE + ["model.train=decoder"]), tmp_path / "run", progress=False).run()
+
+
+def test_object_masks_cover_every_object_pixel_and_little_else():
+    """Recomputed at pixel level: each visible object's disc lies inside the mask, which reaches
+    no further than one latent pixel beyond the disc's bounding square."""
+    from tether.train.toy_data import clip_truths, object_mask
+    from tether.world.vocab import SIZE_DIAMETERS
+
+    for index in range(6):
+        truths = clip_truths(0, index, 81)
+        mask = object_mask(truths, 21, 16, 16)
+        ys, xs = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
+        for latent in range(21):
+            frames = [0] if latent == 0 else range(1 + 4 * (latent - 1), 1 + 4 * latent)
+            disc, box = torch.zeros(64, 64, dtype=torch.bool), torch.zeros(64, 64, dtype=torch.bool)
+            for frame in frames:
+                for obj in truths[frame].visible_objects():
+                    r = SIZE_DIAMETERS[obj.size] / 2
+                    disc |= (ys - obj.y) ** 2 + (xs - obj.x) ** 2 <= r * r
+                    box |= ((ys - obj.y).abs() <= r + 4) & ((xs - obj.x).abs() <= r + 4)
+            pooled = lambda m: m.view(16, 4, 16, 4).any(3).any(1)
+            assert not (pooled(disc) & ~mask[latent]).any()  # every object pixel is weighted
+            assert not (mask[latent] & ~pooled(box)).any()
+
+
+def test_masked_latent_data_and_the_object_weighted_teacher(tmp_path):
+    from tether.train.recipes.teacher import flow_matching_loss
+
+    codec = LatentCodec(load_vae("tiny"))
+    text = make_toy_text_encoder(vocabulary(), dim=128, layers=1, heads=2, text_len=32, seed=0)  # the toy model's text
+    build_latent_dataset(tmp_path, codec, text, num_clips=3, num_frames=9, size=16, seed=0, progress=False)
+    data = LatentData(tmp_path, frames=2)
+    assert data.masks.shape == (3, 3, 2, 2) and data.masks.any()
+    latents, embeddings, masks = data.batch(torch.Generator().manual_seed(4), 5, with_masks=True)
+    again, _ = data.batch(torch.Generator().manual_seed(4), 5)
+    assert torch.equal(latents, again) and masks.shape == (5, 1, 2, 2, 2)  # the same clips as without masks
+
+    class Fixed(torch.nn.Module):  # a "model" whose error is known: it predicts `out` everywhere
+        def __init__(self, out):
+            super().__init__()
+            self.out = out
+
+        def forward_bidirectional(self, x, t, text):
+            return self.out
+
+    target = torch.randn(1, 4, 2, 2, 2)
+    noise, x0, t = target.clone(), torch.zeros_like(target), torch.tensor([500.0])
+    wrong = target.clone()
+    wrong[..., 0, 0] += 3.0  # an error only at latent pixel (0, 0)
+    ignore_it = torch.ones(1, 1, 2, 2, 2)
+    ignore_it[..., 0, 0] = 0.0
+    assert flow_matching_loss(Fixed(wrong), x0, None, t, noise, weight=ignore_it) == 0
+    plain = flow_matching_loss(Fixed(wrong), x0, None, t, noise)
+    assert torch.isclose(flow_matching_loss(Fixed(wrong), x0, None, t, noise, weight=torch.ones(1, 1, 2, 2, 2)), plain)
+
+    overrides = ["model.source=toy", "data.kind=latents", f"data.path={tmp_path}", "data.frames=2", "batch_size=2",
+                 "steps=2", "save_every=2", "loss.object_weight=4.0"]
+    trainer = Trainer(load_config("teacher", overrides=overrides), tmp_path / "run", progress=False)
+    assert np.isfinite(trainer.run()["loss"])
+    (tmp_path / "masks.pt").unlink()
+    from tether.errors import TetherError
+
+    with pytest.raises(TetherError, match="object masks"):
+        Trainer(load_config("teacher", overrides=overrides), tmp_path / "run2", progress=False).run()

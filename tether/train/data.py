@@ -42,17 +42,29 @@ class LatentData:
         self.prompts = json.loads(prompts_file.read_text())["prompts"] if prompts_file.is_file() else None
         if self.prompts is not None and len(self.prompts) != len(self.latents):
             raise TetherError(f"{prompts_file} has {len(self.prompts)} prompts for {len(self.latents)} clips")
+        masks_file = Path(folder) / "masks.pt"  # toy datasets: where the objects are (toy_data.write_object_masks)
+        self.masks = torch.load(masks_file, map_location="cpu", weights_only=True)["masks"] if masks_file.is_file() else None
+        if self.masks is not None and self.masks.shape != self.latents[:, 0].shape:
+            raise TetherError(f"{masks_file} has shape {list(self.masks.shape)}, not the latents' "
+                              f"{list(self.latents[:, 0].shape)}: rebuild it (toy_data.write_object_masks)")
+        self.folder = Path(folder)
 
-    def batch(self, generator: torch.Generator, size: int, with_prompts: bool = False):
-        """(latents, text embeddings), plus the clips' prompts if `with_prompts`."""
+    def batch(self, generator: torch.Generator, size: int, with_prompts: bool = False, with_masks: bool = False):
+        """(latents, text embeddings), plus the clips' prompts if `with_prompts`, plus their object
+        masks [B, 1, F, h, w] if `with_masks`. Both options draw the same clips from `generator`."""
         index = torch.randint(len(self.latents), (size,), generator=generator)
         start = torch.randint(self.latents.shape[2] - self.frames + 1, (1,), generator=generator).item()
-        latents = self.latents[index, :, start:start + self.frames].float()
-        if not with_prompts:
-            return latents, self.text[index].float()
-        if self.prompts is None:
-            raise TetherError("training the text encoder needs the dataset's prompts.json")
-        return latents, self.text[index].float(), [self.prompts[i] for i in index.tolist()]
+        out = [self.latents[index, :, start:start + self.frames].float(), self.text[index].float()]
+        if with_prompts:
+            if self.prompts is None:
+                raise TetherError("training the text encoder needs the dataset's prompts.json")
+            out.append([self.prompts[i] for i in index.tolist()])
+        if with_masks:
+            if self.masks is None:
+                raise TetherError(f"{self.folder} has no masks.pt (object masks): "
+                                  f"write them with tether.train.toy_data.write_object_masks('{self.folder}')")
+            out.append(self.masks[index, None, start:start + self.frames].float())
+        return tuple(out)
 
 
 def make_data(cfg: dict, model_cfg):

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import TetherError
 from ..world import random_prompt, render_clip
+from ..world.vocab import SIZE_DIAMETERS
 
 # Mixed into every clip's seed so that clip streams never coincide with other users of the same integers.
 _CLIP_SALT = 0x70C1
@@ -29,6 +30,7 @@ OMIT_PROBABILITY = 0.2
 SHARD_SIZE = 50
 LATENTS_FILE = "latents.pt"
 PROMPTS_FILE = "prompts.json"
+MASKS_FILE = "masks.pt"
 
 
 def sample_clip(seed: int, index: int, num_frames: int = 81, size: int = 64, with_truth: bool = False):
@@ -112,7 +114,53 @@ def build_latent_dataset(folder, codec, text_encoder, num_clips: int, num_frames
     prompts = [p for s in shards for p in s["prompts"]]
     meta = {"num_clips": num_clips, "num_frames": num_frames, "size": size, "seed": seed, "prompts": prompts}
     (folder / PROMPTS_FILE).write_text(json.dumps(meta, indent=0) + "\n")
+    write_object_masks(folder, codec.temporal_stride, progress=progress)
     seconds = time.perf_counter() - started
     return {"clips": num_clips, "encoded_now": encoded_now, "seconds": seconds,
             "clips_per_second": encoded_now / seconds if encoded_now else None,
             "latent_shape": list(latents.shape[1:])}
+
+
+def object_mask(truths, latent_frames: int, height: int, width: int, size: int = 64, temporal_stride: int = 4) -> torch.Tensor:
+    """Where the clip's objects are, per latent pixel: bool [latent_frames, height, width].
+
+    A latent pixel is marked when the square around any visible object's disc
+    (its nominal diameter, centred on it) overlaps that pixel's square in any
+    of the frames its latent frame encodes (frame 0 alone, then 4 frames each,
+    as Wan's VAE groups them). Positions are in `size`-px frames.
+    """
+    stride = size / height
+    centres = (torch.arange(height, dtype=torch.float32) + 0.5) * stride
+    mask = torch.zeros(latent_frames, height, width, dtype=torch.bool)
+    for latent in range(latent_frames):
+        first = 0 if latent == 0 else 1 + temporal_stride * (latent - 1)
+        last = 0 if latent == 0 else first + temporal_stride - 1
+        for truth in truths[first:last + 1]:
+            for obj in truth.objects:
+                if not obj.visible:
+                    continue
+                reach = SIZE_DIAMETERS[obj.size] / 2 + stride / 2  # disc radius plus half a latent pixel
+                near_y = (centres - obj.y).abs() <= reach
+                near_x = (centres[:width] - obj.x).abs() <= reach
+                mask[latent] |= near_y[:, None] & near_x[None, :]
+    return mask
+
+
+def write_object_masks(folder, temporal_stride: int = 4, progress: bool = True) -> Path:
+    """`masks.pt` beside an encoded dataset: every clip's `object_mask`, from the world's truth (no VAE).
+
+    The clips are re-simulated from prompts.json's seed, so a dataset built
+    before masks existed gets them in seconds.
+    """
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    meta = json.loads((folder / PROMPTS_FILE).read_text())
+    latents = torch.load(folder / LATENTS_FILE, map_location="cpu", weights_only=True)["latents"]
+    _, _, latent_frames, height, width = latents.shape
+    masks = [object_mask(clip_truths(meta["seed"], index, meta["num_frames"]), latent_frames, height, width,
+                         64, temporal_stride)  # clip_truths places objects in a 64-px frame
+             for index in tqdm(range(meta["num_clips"]), desc="object masks", unit="clip", disable=not progress)]
+    path = folder / MASKS_FILE
+    _atomic_save({"masks": torch.stack(masks)}, path)
+    return path

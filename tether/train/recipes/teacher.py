@@ -28,14 +28,18 @@ def sample_timesteps(generator, size: int, shift: float, low: float = 0.0, high:
     return grid[torch.randint(len(grid), (size,), generator=generator)].clamp(low, high)
 
 
-def flow_matching_loss(model, latents, text, timesteps, noise, forward="bidirectional", chunk_size=3):
+def flow_matching_loss(model, latents, text, timesteps, noise, forward="bidirectional", chunk_size=3, weight=None):
+    """Mean squared error of the predicted flow; `weight` [B, 1, F, h, w] makes it a weighted mean."""
     sigma = (timesteps / 1000.0).view(-1, *([1] * (latents.dim() - 1)))
     noisy = (1 - sigma) * latents + sigma * noise
     if forward == "bidirectional":
         flow = model.forward_bidirectional(noisy, timesteps, text)
     else:
         flow = model.forward_block_causal(noisy, timesteps, text, chunk_size=chunk_size)
-    return torch.mean((flow.float() - (noise - latents).float()) ** 2)
+    squared = (flow.float() - (noise - latents).float()) ** 2
+    if weight is None:
+        return squared.mean()
+    return (squared * weight).sum() / (weight.expand_as(squared).sum())
 
 
 @register_recipe
@@ -58,6 +62,13 @@ class Teacher(Recipe):
         self.batch_size = int(cfg.get("batch_size", 1))
         self.shift = float(cfg.get("shift", 5.0))
         self.text_dropout = float(cfg.get("text_dropout", 0.1))
+        # Toy datasets only: latent pixels on an object weigh 1 + object_weight in the loss. A subject
+        # covers a few % of a frame, so without it the prompt's colour, shape and pattern words are a
+        # few % of the loss and the background's word is the rest.
+        self.object_weight = float(cfg.get("loss", {}).get("object_weight", 0.0))
+        if self.object_weight and getattr(self.data, "masks", None) is None:
+            raise TetherError("loss.object_weight needs a toy dataset with object masks (data.kind=latents, masks.pt: "
+                              "tether.train.toy_data.write_object_masks(FOLDER) writes them)")
         self.text_encoder = None
         text_cfg = cfg.get("text", {})
         if text_cfg.get("train"):
@@ -75,17 +86,20 @@ class Teacher(Recipe):
         size = self.batch_size * trainer.world_size
         for micro in range(trainer.accumulation):
             g = trainer.shared_generator(step, "batch", micro)
+            options = {"with_masks": True} if self.object_weight else {}
             if self.text_encoder is None:
-                latents, text = self.data.batch(g, size)
+                latents, text, *masks = self.data.batch(g, size, **options)
             else:
-                latents, _, prompts = self.data.batch(g, size, with_prompts=True)
+                latents, _, prompts, *masks = self.data.batch(g, size, with_prompts=True, **options)
                 text = self.text_encoder.embed(prompts)
+            weight = 1 + self.object_weight * masks[0] if masks else None
             keep = (torch.rand(size, generator=g) >= self.text_dropout).float().view(-1, 1, 1)
             timesteps = sample_timesteps(g, size, self.shift)
             noise = torch.randn(latents.shape, generator=g)
             share = trainer.my_share
             with trainer.autocast():
-                loss = flow_matching_loss(self.model, share(latents), share(text * keep), share(timesteps), share(noise))
+                loss = flow_matching_loss(self.model, share(latents), share(text * keep), share(timesteps), share(noise),
+                                          weight=None if weight is None else share(weight))
             trainer.backward(loss, self.model, micro)
             total += loss.item() / trainer.accumulation
         grad_norm = trainer.optimizer_step("model", step)
