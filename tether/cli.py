@@ -177,6 +177,7 @@ def cmd_train(args) -> int:
     last = trainer.run()
     if args.export:
         trainer.recipe.export(args.export)
+    trainer.close()
     if trainer.is_main:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
         print(f"{args.recipe}: {trainer.total_steps} steps in {out} ({summary})")

@@ -117,6 +117,13 @@ class Trainer:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """Leave the process group together. A rank that exits with gloo's threads still running can
+        abort ("terminate called without an active exception"), failing a run that finished."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def generator(self, step: int, *purpose) -> torch.Generator:
         """Randomness for one step and purpose on this rank, identical on a resumed run."""
         return torch.Generator().manual_seed(_seed_of(self.seed, step, self.rank, *purpose))
