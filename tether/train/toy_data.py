@@ -114,7 +114,7 @@ def build_latent_dataset(folder, codec, text_encoder, num_clips: int, num_frames
     prompts = [p for s in shards for p in s["prompts"]]
     meta = {"num_clips": num_clips, "num_frames": num_frames, "size": size, "seed": seed, "prompts": prompts}
     (folder / PROMPTS_FILE).write_text(json.dumps(meta, indent=0) + "\n")
-    write_object_masks(folder, codec.temporal_stride, progress=progress)
+    write_object_masks(folder, codec.temporal_stride, progress=progress, latent_shape=latents.shape[1:])
     seconds = time.perf_counter() - started
     return {"clips": num_clips, "encoded_now": encoded_now, "seconds": seconds,
             "clips_per_second": encoded_now / seconds if encoded_now else None,
@@ -130,7 +130,8 @@ def object_mask(truths, latent_frames: int, height: int, width: int, size: int =
     as Wan's VAE groups them). Positions are in `size`-px frames.
     """
     stride = size / height
-    centres = (torch.arange(height, dtype=torch.float32) + 0.5) * stride
+    rows = (torch.arange(height, dtype=torch.float32) + 0.5) * stride
+    columns = (torch.arange(width, dtype=torch.float32) + 0.5) * (size / width)
     mask = torch.zeros(latent_frames, height, width, dtype=torch.bool)
     for latent in range(latent_frames):
         first = 0 if latent == 0 else 1 + temporal_stride * (latent - 1)
@@ -140,24 +141,26 @@ def object_mask(truths, latent_frames: int, height: int, width: int, size: int =
                 if not obj.visible:
                     continue
                 reach = SIZE_DIAMETERS[obj.size] / 2 + stride / 2  # disc radius plus half a latent pixel
-                near_y = (centres - obj.y).abs() <= reach
-                near_x = (centres[:width] - obj.x).abs() <= reach
+                near_y = (rows - obj.y).abs() <= reach
+                near_x = (columns - obj.x).abs() <= reach
                 mask[latent] |= near_y[:, None] & near_x[None, :]
     return mask
 
 
-def write_object_masks(folder, temporal_stride: int = 4, progress: bool = True) -> Path:
+def write_object_masks(folder, temporal_stride: int = 4, progress: bool = True, latent_shape=None) -> Path:
     """`masks.pt` beside an encoded dataset: every clip's `object_mask`, from the world's truth (no VAE).
 
     The clips are re-simulated from prompts.json's seed, so a dataset built
-    before masks existed gets them in seconds.
+    before masks existed gets them in seconds. `latent_shape` (C, F, h, w)
+    spares re-reading latents.pt when the caller has just written it.
     """
     from tqdm import tqdm
 
     folder = Path(folder)
     meta = json.loads((folder / PROMPTS_FILE).read_text())
-    latents = torch.load(folder / LATENTS_FILE, map_location="cpu", weights_only=True)["latents"]
-    _, _, latent_frames, height, width = latents.shape
+    if latent_shape is None:
+        latent_shape = torch.load(folder / LATENTS_FILE, map_location="cpu", weights_only=True)["latents"].shape[1:]
+    _, latent_frames, height, width = latent_shape
     masks = [object_mask(clip_truths(meta["seed"], index, meta["num_frames"]), latent_frames, height, width,
                          64, temporal_stride)  # clip_truths places objects in a 64-px frame
              for index in tqdm(range(meta["num_clips"]), desc="object masks", unit="clip", disable=not progress)]
