@@ -15,6 +15,7 @@ def add_bench_parser(subparsers) -> None:
     _add_quality_parser(benchmarks)
     _add_adherence_parser(benchmarks)
     _add_latents_parser(benchmarks)
+    _add_binding_parser(benchmarks)
 
 
 def _add_cost_parser(benchmarks) -> None:
@@ -60,6 +61,22 @@ def _add_latents_parser(benchmarks) -> None:
     p.add_argument("--json", help="write the report to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=lambda args: __import__("tether.bench.latents", fromlist=["main"]).main(args))
+
+
+def _add_binding_parser(benchmarks) -> None:
+    p = benchmarks.add_parser(
+        "binding", help="does a flow-matching transformer use each prompt word: true vs swapped-word denoising error",
+        description="Held-out world clips are noised and denoised under their prompt and under the prompt with one "
+                    "word swapped; reports how often the true word predicts the flow best on the pixels it is about.")
+    p.add_argument("--checkpoint", help="bundle whose VAE and text encoder to use (default: the built-in model)")
+    p.add_argument("--transformer", help="transformer .safetensors to test (default: the bundle's teacher.safetensors)")
+    p.add_argument("--clips", type=int, default=100, help="held-out world clips (default 100)")
+    p.add_argument("--seed", type=int, default=1, help="world clip stream (default 1; the toy dataset is stream 0)")
+    p.add_argument("--timesteps", help="comma-separated noise timesteps in (0, 1000) (default 250,500,750)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--json", help="write the report to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=lambda args: __import__("tether.bench.binding", fromlist=["main"]).main(args))
 
 
 def _add_quality_parser(benchmarks) -> None:
