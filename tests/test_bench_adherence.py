@@ -58,6 +58,23 @@ def test_reference_scores_the_renders_and_their_vae_round_trip(tmp_path):
     assert "vae" in result.stdout and "truth" in result.stdout
 
 
+def test_teacher_from_a_barely_noised_render_scores_as_the_vae_round_trip(tmp_path):
+    out = tmp_path / "from.json"
+    teacher = "tether/weights/default/teacher.safetensors"
+    result = tether("bench", "adherence", "--clips", "2", "--no-student", "--reference", "--teacher", teacher,
+                    "--teacher-from", "2,500", "--teacher-steps", "4", "--quiet", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report) >= {"teacher", "teacher@2", "teacher@500", "vae", "truth"}
+    # From t=2 one Euler step of 0.002 is left: the clip is the round trip of the render it started from.
+    for near, vae in zip(report["teacher@2"]["per_clip"], report["vae"]["per_clip"]):
+        assert set(near["adherence"]) == set(vae["adherence"])
+        assert all(abs(near["adherence"][a] - vae["adherence"][a]) <= 0.05 for a in vae["adherence"])
+    assert "teacher@500" in result.stdout
+    refused = tether("bench", "adherence", "--clips", "1", "--no-student", "--teacher-from", "500", "--quiet")
+    assert refused.returncode != 0 and "--teacher-from needs --teacher" in refused.stderr
+
+
 def test_summary_gives_each_mean_its_standard_error_over_clips():
     def clip(shape):
         return {"adherence": {"background": None, "shape": shape, "colour": None, "pattern": None, "size": None},

@@ -42,6 +42,8 @@ def _add_adherence_parser(benchmarks) -> None:
     p.add_argument("--clips", type=int, default=100, help="number of random prompts (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policy", help="the student's memory policy (default: the model's own; window for the default)")
+    p.add_argument("--teacher-from", help="comma-separated timesteps in (0, 1000): also run the teacher from the world's "
+                                          "render noised to each (how much noise it can take before losing the prompt)")
     p.add_argument("--teacher-steps", type=int, default=24, help="teacher Euler steps (default 24)")
     p.add_argument("--guidance", type=float, default=3.0, help="teacher CFG scale (default 3, the DMD real score's)")
     p.add_argument("--json", help="write the report to this JSON file")

@@ -18,6 +18,13 @@ With `--reference`, the world's own render of each prompt is scored too
 ("truth": the probe's own accuracy on these clips), and so is that render
 after a round trip through the model's VAE ("vae"): the best any transformer
 could score through this VAE, which tells a weak VAE from a weak transformer.
+
+With `--teacher-from T1,T2,...`, the teacher also starts from that render's
+latents noised to timestep T (same noise as its own clip) instead of from
+pure noise ("teacher@T"): how much noise the teacher can take before it loses
+what the prompt asks for. A teacher that keeps the subject from T=500 but
+draws none from pure noise knows the subject's look and has not learnt to
+place one.
 """
 
 import json
@@ -52,7 +59,12 @@ def student_clip(pipe, prompt: str, seed: int, policy: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def teacher_clip(pipe, teacher, prompt: str, seed: int, steps: int, shift: float, guidance: float) -> np.ndarray:
+def teacher_clip(pipe, teacher, prompt: str, seed: int, steps: int, shift: float, guidance: float,
+                 start: float | None = None, clean=None) -> np.ndarray:
+    """The teacher's clip from pure noise; or, with `start` and `clean` latents, from `clean` noised to `start`.
+
+    Starting late keeps the steps of the full grid below `start` (plus `start` itself).
+    """
     from ..pipeline import video_to_uint8
     from ..schedule import timestep_grid
     from ..train.recipes.ode_init import teacher_trajectory
@@ -60,6 +72,10 @@ def teacher_clip(pipe, teacher, prompt: str, seed: int, steps: int, shift: float
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((1, pipe.latent_shape[0], CLIP_LATENT_FRAMES, *pipe.latent_shape[1:]), generator=generator)
     grid = sorted({round(float(t), 6) for t in timestep_grid(shift, steps)} | {0.0}, reverse=True)
+    if start is not None:
+        grid = [float(start)] + [t for t in grid if t < start]
+        sigma = start / 1000.0
+        noise = (1 - sigma) * clean.float() + sigma * noise
     _, x0 = teacher_trajectory(teacher, noise, pipe.encode_prompt(prompt), grid, keep=[grid[0]], guidance=guidance)
     return video_to_uint8(pipe.codec.decode(x0.to(pipe.codec_dtype)))
 
@@ -75,7 +91,7 @@ def reference_clips(pipe, prompt: str, seed: int) -> dict:
     with torch.no_grad():
         latents = pipe.codec.encode(video.to(pipe.codec_dtype))
         round_trip = video_to_uint8(pipe.codec.decode(latents))
-    return {"truth": frames, "vae": round_trip}
+    return {"truth": frames, "vae": round_trip, "latents": latents}
 
 
 def score_clip(probe, prompt: str, frames: np.ndarray) -> dict:
@@ -112,7 +128,7 @@ def summarise(clips: list) -> dict:
 
 def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, policy: str | None = None,
         teacher_steps: int = 24, shift: float | None = None, guidance: float = 3.0, progress: bool = True,
-        student: bool = True, reference: bool = False) -> dict:
+        student: bool = True, reference: bool = False, teacher_from=()) -> dict:
     from ..checkpoints import load_transformer
     from ..pipeline import load_pipeline
     from ..eval import PROBE_PATH
@@ -122,26 +138,35 @@ def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, pol
     policy = policy or pipe.policy  # a student runs the memory it was trained with
     shift = pipe.shift if shift is None else shift  # the teacher trained with the student's schedule
     probe = load_probe(str(PROBE_PATH))
-    teacher = load_transformer(str(teacher_path)).eval() if teacher_path else None
+    if teacher_from and not teacher_path:
+        raise TetherError("--teacher-from needs --teacher")
+    if any(not 0 < t < 1000 for t in teacher_from):
+        raise TetherError(f"--teacher-from timesteps must lie strictly between 0 and 1000, got {list(teacher_from)}")
+    teacher = load_transformer(str(teacher_path)).float().eval() if teacher_path else None  # shipped teachers are fp16
     prompts = random_prompts(clips, seed)
     models = ({"student": None} if student else {}) | ({"teacher": teacher} if teacher is not None else {})
     if not models and not reference:
         raise TetherError("nothing to measure: --no-student needs --teacher or --reference")
+    models |= {f"teacher@{int(t)}": teacher for t in teacher_from}
     if reference:
         models |= {"truth": None, "vae": None}
     results = {name: [] for name in models}
     seconds = {name: 0.0 for name in models}
     for index, prompt in enumerate(tqdm(prompts, desc="adherence", unit="clip", disable=not progress)):
-        if reference:
+        if reference or teacher_from:
             started = time.perf_counter()
             references = reference_clips(pipe, prompt, seed + index)
-            seconds["vae"] += time.perf_counter() - started  # render + encode + decode
+            if reference:
+                seconds["vae"] += time.perf_counter() - started  # render + encode + decode
         for name in models:
             started = time.perf_counter()
             if name == "student":
                 frames = student_clip(pipe, prompt, seed + index, policy)
             elif name == "teacher":
                 frames = teacher_clip(pipe, teacher, prompt, seed + index, teacher_steps, shift, guidance)
+            elif name.startswith("teacher@"):
+                frames = teacher_clip(pipe, teacher, prompt, seed + index, teacher_steps, shift, guidance,
+                                      start=float(name.split("@")[1]), clean=references["latents"])
             else:
                 frames = references[name]
             seconds[name] += time.perf_counter() - started
@@ -164,7 +189,9 @@ def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, pol
 
 
 def format_report(report: dict) -> str:
-    names = [n for n in ("student", "teacher", "vae", "truth") if n in report]
+    names = [n for n in ("student", "teacher") if n in report] + sorted(
+        (n for n in report if n.startswith("teacher@")), key=lambda n: -int(n.split("@")[1])) + [
+        n for n in ("vae", "truth") if n in report]
     lines = [f"{'attribute':<12}" + "".join(f"{n:>16}" for n in names) + f"{'bar':>8}"]
     for a in ATTRIBUTES:
         cells = "".join(f"{_with_error(report[n]['adherence'][a]):>16}" for n in names)
@@ -194,7 +221,8 @@ def _percent(value) -> str:
 def main(args) -> int:
     report = run(args.checkpoint, args.teacher, clips=args.clips, seed=args.seed, policy=args.policy,
                  teacher_steps=args.teacher_steps, guidance=args.guidance, progress=not args.quiet,
-                 student=not args.no_student, reference=args.reference)
+                 student=not args.no_student, reference=args.reference,
+                 teacher_from=tuple(float(t) for t in args.teacher_from.split(",")) if args.teacher_from else ())
     print(format_report(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
