@@ -53,6 +53,7 @@ def test_reference_scores_the_renders_and_their_vae_round_trip(tmp_path):
     assert "student" not in report and set(report) >= {"truth", "vae"}
     # The probe reads the world's own renders (near) perfectly; the round trip is what the VAE leaves of them.
     truth = report["truth"]["adherence"]
+    assert report["truth"]["subject_frames"] > 0.5  # the world's renders show their subject most of the time
     assert all(truth[a]["mean"] is None or truth[a]["mean"] >= 0.9 for a in ATTRIBUTES)
     assert [c["prompt"] for c in report["truth"]["per_clip"]] == [c["prompt"] for c in report["vae"]["per_clip"]]
     assert "vae" in result.stdout and "truth" in result.stdout
@@ -78,7 +79,7 @@ def test_teacher_from_a_barely_noised_render_scores_as_the_vae_round_trip(tmp_pa
 def test_summary_gives_each_mean_its_standard_error_over_clips():
     def clip(shape):
         return {"adherence": {"background": None, "shape": shape, "colour": None, "pattern": None, "size": None},
-                "identity": {}, "scored_frames": 1}
+                "identity": {}, "scored_frames": 0 if shape is None else 81, "frames": 81}
 
     summary = summarise([clip(1.0), clip(0.0), clip(0.5), clip(None)])
     shape = summary["adherence"]["shape"]
@@ -86,3 +87,4 @@ def test_summary_gives_each_mean_its_standard_error_over_clips():
     assert np.isclose(shape["stderr"], np.std([1.0, 0.0, 0.5], ddof=1) / np.sqrt(3))
     assert summary["adherence"]["colour"] == {"mean": None, "stderr": None, "clips": 0}
     assert summarise([clip(1.0)])["adherence"]["shape"]["stderr"] is None  # one clip has no spread
+    assert summary["subject_frames"] == 0.75 and summary["clips_without_subject"] == 1

@@ -122,8 +122,11 @@ def summarise(clips: list) -> dict:
     identity = {a: mean_of("identity", a) for a in ATTRIBUTES[1:]}
     passed = {a: adherence[a]["mean"] is not None and adherence[a]["mean"] >= BARS[a] for a in ATTRIBUTES}
     unscored = sum(c["scored_frames"] == 0 for c in clips)
+    # "Some frame shows a subject" is a weak test (the probe sometimes reads a blob of texture as one);
+    # the share of frames is what tells a drawn, lasting subject from a flicker.
+    subject_frames = float(np.mean([c["scored_frames"] / c["frames"] for c in clips])) if clips else None
     return {"adherence": adherence, "identity": identity, "bars": BARS, "passed": passed,
-            "clips_without_subject": unscored}
+            "clips_without_subject": unscored, "subject_frames": subject_frames}
 
 
 def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, policy: str | None = None,
@@ -198,6 +201,8 @@ def format_report(report: dict) -> str:
         lines.append(f"{a:<12}{cells}{_percent(BARS[a]):>8}")
     lines.append(f"{'identity':<12}" + "".join(
         f"{_percent(_mean([v['mean'] for v in report[n]['identity'].values()])):>16}" for n in names))
+    lines.append(f"{'subject seen':<12}" + "".join(f"{_percent(report[n]['subject_frames']):>16}" for n in names)
+                 + "  (share of frames where the probe finds a subject)")
     return "\n".join(lines)
 
 
