@@ -100,10 +100,12 @@ def score_clip(model, text_encoder, latents, masks, prompt, timesteps, generator
     object is judged on that object's pixels, the background on the pixels of
     no object; a test whose region is empty is skipped.
     """
-    anywhere = torch.stack(masks).any(dim=0)
-    regions = {("background", None): ~anywhere} | {(None, k): m for k, m in enumerate(masks)}
-    tests = {key: test for key, test in candidate_prompts(prompt).items()
-             if regions[key if key[1] is None else (None, key[1])].any()}
+    no_object = ~torch.stack(masks).any(dim=0)
+
+    def region(index):
+        return no_object if index is None else masks[index]
+
+    tests = {key: test for key, test in candidate_prompts(prompt).items() if region(key[1]).any()}
     if not tests:
         return []
     prompts = sorted({p for _, variants in tests.values() for p in variants})
@@ -112,8 +114,7 @@ def score_clip(model, text_encoder, latents, masks, prompt, timesteps, generator
     errors = flow_errors(model, latents, text_encoder.encode(prompts).float(), timesteps, noises)
     results = []
     for (name, index), (truth, variants) in tests.items():
-        where = regions[(name, index) if index is None else (None, index)]
-        per_step = errors[[row[p] for p in variants]][..., where].mean(dim=-1)  # [values, T]
+        per_step = errors[[row[p] for p in variants]][..., region(index)].mean(dim=-1)  # [values, T]
         results.append({"attribute": name, "object": index, "correct": _wins(per_step.sum(dim=1), truth),
                         "correct_at": {int(t): _wins(per_step[:, k], truth) for k, t in enumerate(timesteps)}})
     return results
