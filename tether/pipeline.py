@@ -33,6 +33,15 @@ BUILTIN = WEIGHTS / "default"
 SHIPPED_MODELS = ("default", "context-forcing", "grounded-forcing")
 
 
+def bundle_folder(checkpoint=None) -> Path:
+    """The folder a bundle checkpoint names: the built-in model for None or "default", a shipped name, or a path."""
+    if checkpoint is None or str(checkpoint) == "default":
+        return BUILTIN
+    if str(checkpoint) in SHIPPED_MODELS and not Path(checkpoint).exists():
+        return WEIGHTS / str(checkpoint)
+    return Path(checkpoint)
+
+
 def shipped_models() -> list:
     """Names of the shipped toy models whose bundle is present in this install."""
     return [name for name in SHIPPED_MODELS if (WEIGHTS / name / "pipeline.json").exists()]

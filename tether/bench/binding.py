@@ -28,12 +28,11 @@ from tqdm import tqdm
 
 from ..errors import TetherError
 from ..world.vocab import ATTRIBUTE_VALUES, BACKGROUNDS
+from .adherence import ATTRIBUTES, CLIP_LATENT_FRAMES
 
-ATTRIBUTES = ("background", "shape", "colour", "pattern", "size")
 # Clips come from this stream by default: the toy chain's dataset uses stream 0, so these were never trained on.
 HELD_OUT_STREAM = 1
 DEFAULT_TIMESTEPS = (250, 500, 750)
-CLIP_FRAMES = 81
 
 
 def candidate_prompts(prompt: str) -> dict:
@@ -160,7 +159,8 @@ def run(checkpoint=None, transformer_path=None, clips: int = 100, seed: int = HE
     started = time.perf_counter()
     scored = []
     for index in tqdm(range(clips), desc="binding", unit="clip", disable=not progress):
-        frames, prompt, truths = sample_clip(seed, index, CLIP_FRAMES, pipe.height, with_truth=True)
+        frames, prompt, truths = sample_clip(seed, index, 1 + pipe.codec.temporal_stride * (CLIP_LATENT_FRAMES - 1),
+                                             pipe.height, with_truth=True)
         with torch.inference_mode():
             latents = pipe.codec.encode(clips_to_video([frames]))[0].float()
         masks = object_masks(truths, latents.shape[1:], pipe.height, pipe.codec.temporal_stride)
@@ -174,17 +174,11 @@ def run(checkpoint=None, transformer_path=None, clips: int = 100, seed: int = HE
 
 def _bundle_teacher(checkpoint) -> Path:
     """The bundle's bidirectional teacher: only a teacher is trained on whole noised clips."""
-    from ..pipeline import BUILTIN, SHIPPED_MODELS, WEIGHTS
+    from ..pipeline import bundle_folder
 
-    if checkpoint is None:
-        folder = BUILTIN
-    elif str(checkpoint) in SHIPPED_MODELS and not Path(checkpoint).exists():
-        folder = WEIGHTS / str(checkpoint)
-    else:
-        folder = Path(checkpoint)
-    path = folder / "teacher.safetensors"
+    path = bundle_folder(checkpoint) / "teacher.safetensors"
     if not path.exists():
-        raise TetherError(f"{folder} has no teacher.safetensors: pass the transformer to test with --transformer")
+        raise TetherError(f"{path.parent} has no teacher.safetensors: pass the transformer to test with --transformer")
     return path
 
 

@@ -131,19 +131,11 @@ def run_key(row: dict, episode_name: str, seed: int) -> str:
     return f"{model}__{row['policy']}__{episode_name}__seed{seed}"
 
 
-def model_folder(model: str):
-    from ..pipeline import BUILTIN, SHIPPED_MODELS, WEIGHTS
-
-    if model == "default":
-        return BUILTIN
-    if model in SHIPPED_MODELS and not Path(model).exists():
-        return WEIGHTS / model
-    return Path(model)
-
-
 def model_fingerprint(model: str) -> str:
     """Identifies the weights a run was made with, without loading them (a new bundle invalidates the cache)."""
-    folder = model_folder(model)
+    from ..pipeline import bundle_folder
+
+    folder = bundle_folder(model)
     meta = folder / "pipeline.json"
     if not meta.is_file():
         return "toy config, random weights" if model == "default" else str(folder)
