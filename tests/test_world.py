@@ -317,3 +317,34 @@ def test_shipped_probe_still_reads_the_world():
     result = evaluate_probe(load_probe(folder), 160, seed=5)
     for key in ("background", "presence", "shape", "colour", "pattern", "size", "position_within_2px"):
         assert result[key] >= 0.9, (key, result[key])
+
+
+def test_gaussian_blur_keeps_flat_frames_and_mean_and_softens_edges():
+    pytest.importorskip("torch")
+    from tether.world.probe import gaussian_blur
+
+    flat = np.full((2, 16, 16, 3), 77, dtype=np.uint8)
+    assert np.array_equal(gaussian_blur(flat, 1.5), flat)
+    assert gaussian_blur(flat, 0.0) is flat
+    edge = np.zeros((1, 16, 16, 3), dtype=np.uint8)
+    edge[:, :, 8:] = 255
+    soft = gaussian_blur(edge, 1.0)
+    row = soft[0, 4, :, 0].astype(int)
+    assert list(row) == sorted(row) and 0 < row[7] < 128 < row[8] < 255  # monotone ramp across the edge
+    assert abs(soft.astype(float).mean() - edge.astype(float).mean()) < 1.0  # replicate padding: no mass lost
+
+
+def test_shipped_probe_under_blur_reports_psnr_and_loses_patterns_first():
+    # What `evaluate_probe(..., blur=)` is for: a 2 px blur erases stripes and dots (1-3 px features)
+    # long before it erases colour, and its PSNR is reported for comparison with a VAE's.
+    torch = pytest.importorskip("torch")
+    from pathlib import Path
+
+    from tether.world.probe import evaluate_probe, load_probe
+
+    torch.set_num_threads(1)
+    probe = load_probe(Path(__file__).resolve().parents[1] / "tether" / "weights" / "probe")
+    sharp = evaluate_probe(probe, 200, seed=5)
+    blurred = evaluate_probe(probe, 200, seed=5, blur=2.0)
+    assert "blurred_psnr_db" not in sharp and 20 < blurred["blurred_psnr_db"] < 27
+    assert blurred["colour"] >= 0.95 and blurred["pattern"] < sharp["pattern"] - 0.2
