@@ -271,6 +271,21 @@ def test_each_chunk_of_the_student_input_comes_from_its_own_trajectory_state():
     assert torch.equal(picked[:, 0, :, 0, 0], per_frame.float())
 
 
+def test_ode_init_integrates_the_teacher_on_its_own_shift_and_still_stops_at_the_student_steps(tmp_path):
+    from tether.schedule import timestep_grid, warp_steps
+
+    recipe = tiny_trainer("ode-init", tmp_path / "run", "shift=1.0", "ode.shift=3.0", "ode.steps=8").recipe
+    recipe.setup()
+    student = warp_steps([1000, 750, 500, 250], 1.0)
+    assert recipe.student_timesteps == student == [1000.0, 750.0, 500.0, 250.0]
+    shifted = [round(float(t), 6) for t in timestep_grid(3.0, 8)]
+    assert recipe.grid == sorted(set(shifted) | set(student), reverse=True)
+    assert recipe.grid[1] == pytest.approx(1000 * 3 * 0.875 / (1 + 2 * 0.875))  # the first step is shifted: 954.5
+    default = tiny_trainer("ode-init", tmp_path / "default", "shift=1.0", "ode.steps=8").recipe
+    default.setup()
+    assert default.grid == [1000.0 - 125.0 * k for k in range(9)]  # no ode.shift: the recipe's own shift
+
+
 def test_ode_init_fits_a_fixed_pool_of_teacher_trajectories(tmp_path):
     trainer = tiny_trainer("ode-init", tmp_path / "run", "steps=30", "ode.pool=1", "ode.steps=8", "optimizer.lr=1e-3",
                            "optimizer.warmup=0")

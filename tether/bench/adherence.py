@@ -139,7 +139,7 @@ def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, pol
 
     pipe = load_pipeline(checkpoint)
     policy = policy or pipe.policy  # a student runs the memory it was trained with
-    shift = pipe.shift if shift is None else shift  # the teacher trained with the student's schedule
+    shift = pipe.shift if shift is None else shift  # by default the grid of the schedule it was trained with
     probe = load_probe(str(PROBE_PATH))
     if teacher_from and not teacher_path:
         raise TetherError("--teacher-from needs --teacher")
@@ -225,7 +225,8 @@ def _percent(value) -> str:
 
 def main(args) -> int:
     report = run(args.checkpoint, args.teacher, clips=args.clips, seed=args.seed, policy=args.policy,
-                 teacher_steps=args.teacher_steps, guidance=args.guidance, progress=not args.quiet,
+                 teacher_steps=args.teacher_steps, shift=args.teacher_shift, guidance=args.guidance,
+                 progress=not args.quiet,
                  student=not args.no_student, reference=args.reference,
                  teacher_from=tuple(float(t) for t in args.teacher_from.split(",")) if args.teacher_from else ())
     print(format_report(report))

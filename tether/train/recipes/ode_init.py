@@ -2,9 +2,10 @@
 
 DMD starts from a generator that already produces something video-like in
 few steps; this recipe makes one. The bidirectional teacher integrates the
-flow ODE from noise (Euler, `ode.steps` steps on the shifted grid, with
-classifier-free guidance); the states it passes at the student's denoising
-timesteps (warped [1000, 750, 500, 250]) are recorded. The causal student
+flow ODE from noise (Euler, `ode.steps` steps on the grid shifted by
+`ode.shift`, by default the recipe's `shift`, with classifier-free
+guidance); the states it passes at the student's denoising timesteps
+(warped [1000, 750, 500, 250]) are recorded. The causal student
 (block-causal forward, one timestep per frame) sees, chunk by chunk, one of
 those states (its step drawn per sample and per chunk) and learns to map it
 to the trajectory's end x0 (mean squared error on x0).
@@ -75,7 +76,11 @@ class OdeInit(DistillationRecipe):
         self.data = make_data(cfg.get("data", {}), self.model_cfg)
         ode = cfg.get("ode", {})
         self.student_timesteps = warp_steps(self.denoising_steps, self.shift)
-        self.grid = ode_timesteps(int(ode.get("steps", 48)), self.shift, self.student_timesteps)
+        # The teacher's own Euler grid may be shifted harder than the student's timesteps: with few steps at
+        # high noise a small teacher never commits to a small subject (measured with `bench adherence
+        # --teacher-shift`), and the student can only learn what the trajectories show.
+        ode_shift = float(ode.get("shift") or self.shift)
+        self.grid = ode_timesteps(int(ode.get("steps", 48)), ode_shift, self.student_timesteps)
         self.guidance = float(ode.get("guidance", 5.0))
         self.pool = ode.get("pool")
         self.cache_dir = Path(ode["cache_dir"]) if ode.get("cache_dir") else None
