@@ -63,9 +63,11 @@ def test_teacher_from_a_barely_noised_render_scores_as_the_vae_round_trip(tmp_pa
     out = tmp_path / "from.json"
     teacher = "tether/weights/default/teacher.safetensors"
     result = tether("bench", "adherence", "--clips", "2", "--no-student", "--reference", "--teacher", teacher,
-                    "--teacher-from", "2,500", "--teacher-steps", "4", "--quiet", "--json", str(out))
+                    "--teacher-from", "2,500", "--teacher-steps", "4", "--teacher-shift", "3", "--quiet",
+                    "--json", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
+    assert report["teacher_sampling"]["shift"] == 3.0 and report["teacher_sampling"]["steps"] == 4
     assert set(report) >= {"teacher", "teacher@2", "teacher@500", "vae", "truth"}
     # From t=2 one Euler step of 0.002 is left: the clip is the round trip of the render it started from.
     for near, vae in zip(report["teacher@2"]["per_clip"], report["vae"]["per_clip"]):
