@@ -233,3 +233,40 @@ def test_masked_latent_data_and_the_object_weighted_teacher(tmp_path):
 
     with pytest.raises(TetherError, match="object masks"):
         Trainer(load_config("teacher", overrides=overrides), tmp_path / "run2", progress=False).run()
+
+
+def test_teacher_phases_chain_runs_each_from_the_last_export_and_resume_skips_done_phases(tmp_path, monkeypatch):
+    from tether.train.toy import ToyChain
+
+    phases = "teacher.phases=[[steps=25], [data.frames=3, batch_size=28, steps=15], [loss.object_weight=4.0, steps=15]]"
+    chain = ToyChain(tmp_path, progress=False, overrides=["teacher.shift=1.0", "teacher.model.source=toy-s4", phases])
+    calls = []
+
+    def fake_train(recipe, extra=(), run_name=None, last=()):
+        calls.append((recipe, run_name, list(last)))
+        export = tmp_path / run_name / "export" / "transformer.safetensors"
+        export.parent.mkdir(parents=True)
+        export.write_bytes(b"")
+        return {"loss": 0.5}, {}
+
+    monkeypatch.setattr(chain, "_train", fake_train)
+    (tmp_path / "teacher-phase1" / "export").mkdir(parents=True)
+    (tmp_path / "teacher-phase1" / "export" / "transformer.safetensors").write_bytes(b"")  # phase 1 finished earlier
+    note = chain.stage_teacher()
+    first = tmp_path / "teacher-phase1" / "export" / "transformer.safetensors"
+    second = tmp_path / "teacher-phase2" / "export" / "transformer.safetensors"
+    assert calls == [("teacher", "teacher-phase2", ["data.frames=3", "batch_size=28", "steps=15", f"model.source={first}"]),
+                     ("teacher", "teacher", ["loss.object_weight=4.0", "steps=15", f"model.source={second}"])]
+    assert chain.done("teacher") and note == "3 phases, final loss 0.5"
+    # The user's teacher.* overrides apply to every phase, before the phase's own and the chained source.
+    assert chain.recipe_overrides["teacher"] == ["shift=1.0", "model.source=toy-s4"]
+
+
+def test_teacher_phases_must_be_override_lists(tmp_path):
+    from tether.errors import TetherError
+    from tether.train.toy import ToyChain
+
+    for bad in ("teacher.phases=[]", "teacher.phases=[steps=3]", "teacher.phases=[[3]]"):
+        with pytest.raises(TetherError, match="list of override lists"):
+            ToyChain(tmp_path, overrides=[bad])
+    assert ToyChain(tmp_path).teacher_phase_name(0) == "teacher"  # no phases: the single run it always was

@@ -16,6 +16,13 @@ The Context/Grounded Forcing students train LoRA adapters on the exported
 default student (their toy configs set `lora:`), so each ships in a few MB
 beside the default instead of another full transformer.
 
+The teacher may train in phases (`teacher.phases`, a YAML list of override
+lists): each phase is an ordinary `teacher` run that starts from the previous
+phase's export, in out/teacher-phase1, -phase2, ...; the last is out/teacher.
+The crop curriculum of the README is three phases:
+`teacher.phases=[[steps=2500], [data.frames=3, batch_size=28, optimizer.lr=4.0e-4,
+loss.object_weight=4.0, steps=1500], [loss.object_weight=4.0, steps=1500]]`.
+
 A stage whose output exists is skipped, so re-running the command continues
 the chain; a stage interrupted mid-training continues from its checkpoint with
 --resume. `--until STAGE` stops after STAGE. Wall times go to chain.json.
@@ -61,6 +68,7 @@ class ToyChain:
         self.device = device
         self.settings = {stage: dict(values) for stage, values in DEFAULTS.items()}
         self.recipe_overrides = {stage: [] for stage in RECIPE_STAGES}
+        self.teacher_phases = [[]]  # one phase with no overrides of its own: a single teacher run
         self._read_overrides(overrides)
         self.times_path = self.out / "chain.json"
 
@@ -74,6 +82,8 @@ class ToyChain:
             key, raw = rest.split("=", 1)
             if stage == "vae" and key == "shipped":
                 self.settings["vae"]["shipped"] = bool(yaml.safe_load(raw))
+            elif stage == "teacher" and key == "phases":
+                self.teacher_phases = _read_phases(item, yaml.safe_load(raw))
             elif stage in RECIPE_STAGES:
                 self.recipe_overrides[stage].append(rest)
             elif stage in ("text", "dataset", "long-dataset"):
@@ -148,15 +158,18 @@ class ToyChain:
             print(f"{header}: finished in {seconds:.0f} s{' (' + note + ')' if note else ''}", flush=True)
         return times
 
-    def _train(self, recipe: str, extra=()) -> "object":
-        """Run (or continue) a recipe in out/<recipe>, then export it to out/<recipe>/export."""
+    def _train(self, recipe: str, extra=(), run_name: str | None = None, last=()) -> "object":
+        """Run (or continue) a recipe in out/<run_name or recipe>, then export it to its export/ folder.
+
+        Overrides apply in order: `extra`, the user's `recipe.*` overrides, then `last`.
+        """
         from . import Trainer
         from .config import load_config
 
-        cfg = load_config(recipe, overrides=list(extra) + self.recipe_overrides.get(recipe, []))
+        cfg = load_config(recipe, overrides=list(extra) + self.recipe_overrides.get(recipe, []) + list(last))
         if self.device:
             cfg["device"] = self.device
-        run_dir = self.out / recipe
+        run_dir = self.out / (run_name or recipe)
         resume = (run_dir / "checkpoint.pt").exists()
         if resume and not self.resume:
             raise TetherError(f"{run_dir} holds an unfinished {recipe} run: pass --resume to continue it")
@@ -206,9 +219,22 @@ class ToyChain:
     def _data_overrides(self):
         return ["data.kind=latents", f"data.path={self.dataset_folder}"]
 
+    def teacher_phase_name(self, index: int) -> str:
+        return "teacher" if index == len(self.teacher_phases) - 1 else f"teacher-phase{index + 1}"
+
     def stage_teacher(self) -> str:
-        last, _ = self._train("teacher", self._data_overrides())
-        return f"final loss {last.get('loss', float('nan')):.4g}" if last else ""
+        last, source = {}, None
+        for index, phase in enumerate(self.teacher_phases):
+            name = self.teacher_phase_name(index)
+            export = self.out / name / "export" / "transformer.safetensors"
+            if not export.exists():
+                # A later phase continues from the earlier one's weights, whatever model.source the user set.
+                chained = [f"model.source={source}"] if source else []
+                last, _ = self._train("teacher", self._data_overrides(), run_name=name, last=phase + chained)
+            source = export
+        loss = f"final loss {last.get('loss', float('nan')):.4g}" if last else ""
+        phases = f"{len(self.teacher_phases)} phases" if len(self.teacher_phases) > 1 else ""
+        return ", ".join(filter(None, (phases, loss)))
 
     def stage_student(self) -> str:
         from .recipe import RECIPES
@@ -309,6 +335,15 @@ class ToyChain:
             tmp.replace(folder)
             written.append(folder.name)
         return ", ".join(written)
+
+
+def _read_phases(item: str, phases) -> list:
+    """`teacher.phases`: a non-empty list of lists of key=value overrides."""
+    if not isinstance(phases, list) or not phases or not all(
+            isinstance(phase, list) and all(isinstance(o, str) and "=" in o for o in phase) for phase in phases):
+        raise TetherError(f"toy chain override '{item}': teacher.phases is a list of override lists, "
+                          "e.g. teacher.phases=[[steps=2500], [data.frames=3, steps=1500]]")
+    return phases
 
 
 def run_toy_chain(args) -> int:
