@@ -57,6 +57,16 @@ def test_cli_reports_accuracy_against_chance(tmp_path):
     assert report["clips"] == 15 and report["test_frames"] > 0
     assert set(report["accuracy"]) == {"shape", "colour", "pattern", "size"} and report["chance"]["shape"] == 0.2
     assert "shape" in result.stdout
+    assert len(report["std_by_latent_frame"]) == 3 and "latent std by frame" in result.stdout  # 9 frames: 3 latent
+
+
+def test_scale_by_frame_finds_a_first_frame_encoded_small():
+    from tether.bench.latents import scale_by_frame
+
+    latents = torch.randn(400, 4, 5, 6, 6, generator=torch.Generator().manual_seed(0))
+    latents[:, :, 0] *= 0.25
+    scales = scale_by_frame(latents, clips=300)
+    assert len(scales) == 5 and abs(scales[0] - 0.25) < 0.01 and all(abs(s - 1) < 0.03 for s in scales[1:])
 
 
 def test_cli_rejects_a_folder_that_is_not_a_dataset(tmp_path):

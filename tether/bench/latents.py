@@ -8,6 +8,12 @@ is scored on held-out clips. Labels come from the world's ground truth for
 the clip (which the dataset's stream seed and clip index reproduce), on
 latent frames showing exactly one object, fully in view.
 
+The report also gives the latents' standard deviation at each latent frame
+index. A causal VAE trained from scratch can encode its first frames at a
+smaller scale than its steady state (its temporal caches start empty); the
+diffusion model then sees those frames at a lower signal-to-noise ratio at
+every timestep.
+
 If the latents classify an attribute well but the decoded frames do not,
 the decoder is the limit and a decoder-only fine-tune fixes it without
 retraining any transformer (`tether train vae model.train=decoder`); if the
@@ -93,6 +99,12 @@ def classify(inputs: torch.Tensor, labels: torch.Tensor, is_test: torch.Tensor, 
             for j, ((name, _), out) in enumerate(zip(ATTRIBUTES, outs))}
 
 
+def scale_by_frame(latents: torch.Tensor, clips: int = 1000) -> list:
+    """Standard deviation of the (normalised) latents [N, C, F, h, w] at each latent frame index, over the first clips."""
+    sample = latents[:clips].float()
+    return [round(float(sample[:, :, k].std()), 4) for k in range(sample.shape[2])]
+
+
 def run(dataset, clips: int | None = None, steps: int = 3000, progress: bool = True) -> dict:
     folder = Path(dataset)
     try:
@@ -110,6 +122,7 @@ def run(dataset, clips: int | None = None, steps: int = 3000, progress: bool = T
     return {"dataset": str(folder), "clips": clips, "labelled_frames": len(labels), "test_frames": int(is_test.sum()),
             "steps": steps, "accuracy": accuracy,
             "chance": {name: 1 / len(values) for name, values in ATTRIBUTES},
+            "std_by_latent_frame": scale_by_frame(latents, clips),
             "seconds": round(time.perf_counter() - began, 1)}
 
 
@@ -118,6 +131,7 @@ def format_report(report: dict) -> str:
              f"{'attribute':<12}{'accuracy':>10}{'chance':>10}"]
     for name, value in report["accuracy"].items():
         lines.append(f"{name:<12}{100 * value:>9.1f}%{100 * report['chance'][name]:>9.1f}%")
+    lines.append("latent std by frame: " + " ".join(f"{v:.2f}" for v in report["std_by_latent_frame"]))
     return "\n".join(lines)
 
 
