@@ -55,6 +55,8 @@ def test_vae_export_normalises_latents_and_loads_back(tmp_path):
     assert all(np.isfinite(v) for v in last.values())
     report = trainer.recipe.export(tmp_path / "vae")
     assert np.isfinite(report["psnr_db"])
+    gains = report["decoder_gain_by_latent_frame"]  # export.frames=5: latent frames 0 and 1
+    assert len(gains) == 2 and all(g > 0 for g in gains)
     vae = load_vae(tmp_path / "vae")
     assert vae.config.latents_std != [1.0] * 16 and vae.config.latents_mean != [0.0] * 16
     # Held-out clips the statistics never saw come out near unit scale per channel.
@@ -270,3 +272,13 @@ def test_teacher_phases_must_be_override_lists(tmp_path):
         with pytest.raises(TetherError, match="list of override lists"):
             ToyChain(tmp_path, overrides=[bad])
     assert ToyChain(tmp_path).teacher_phase_name(0) == "teacher"  # no phases: the single run it always was
+
+
+def test_decoder_gain_is_zero_without_noise_and_grows_with_it():
+    from tether.train.recipes.vae import decoder_gain_by_frame
+
+    torch.set_num_threads(1)
+    codec = LatentCodec(load_vae("tiny"))
+    assert decoder_gain_by_frame(codec, 1, num_frames=9, size=16, noise=0.0) == [0.0, 0.0, 0.0]
+    small, large = (decoder_gain_by_frame(codec, 1, num_frames=9, size=16, noise=n) for n in (0.05, 0.5))
+    assert all(0 < a < b for a, b in zip(small, large))

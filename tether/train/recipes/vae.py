@@ -86,6 +86,33 @@ def evaluate_vae(codec: LatentCodec, n_clips: int = 16, seed: int = HELD_OUT_SEE
 
 
 @torch.no_grad()
+def decoder_gain_by_frame(codec: LatentCodec, n_clips: int = 4, num_frames: int = 33, size: int = 64,
+                          noise: float = 0.2, seed: int = HELD_OUT_SEED) -> list:
+    """Per latent frame index k: the RMS pixel change (of 255) its decoded frames show when
+    N(0, noise^2) is added to latent frame k alone (normalised latents, held-out clips).
+
+    This is the factor by which the decoder amplifies a diffusion model's error at each
+    frame. A causal decoder decodes frame 0 on its own, from empty caches, and can be far more
+    sensitive there than in its steady state.
+    """
+    generator = torch.Generator().manual_seed(0)
+    stride = codec.temporal_stride
+    squared = None
+    for index in range(n_clips):
+        frames, _ = sample_clip(seed, 20_000 + index, num_frames, size)  # clips no other evaluation uses
+        latents = codec.encode(clips_to_video([frames]).to(device=codec.device, dtype=codec.dtype))
+        clean = codec.decode(latents).float()
+        if squared is None:
+            squared = [0.0] * latents.shape[2]
+        for k in range(latents.shape[2]):
+            nudged = latents.clone()
+            nudged[:, :, k] += noise * torch.randn(nudged[:, :, k].shape, generator=generator).to(nudged)
+            pixels = slice(0, 1) if k == 0 else slice(1 + stride * (k - 1), 1 + stride * k)
+            squared[k] += (codec.decode(nudged).float()[:, :, pixels] - clean[:, :, pixels]).pow(2).mean().item()
+    return [round(127.5 * math.sqrt(total / n_clips), 2) for total in squared]
+
+
+@torch.no_grad()
 def latent_statistics(vae, n_clips: int, num_frames: int, size: int, seed: int = HELD_OUT_SEED):
     """Per-channel mean and std of the posterior means of held-out clips (raw, unnormalised latents)."""
     raw = []
@@ -271,6 +298,8 @@ class VAE(Recipe):
         eval_clips = int(export_cfg.get("eval_clips", 16))
         report = {"psnr_db": evaluate_vae(codec, eval_clips, num_frames=frames, size=self.size),
                   "eval_clips": eval_clips, "eval_frames": frames, "size": self.size, "dtype": str(dtype),
-                  "steps": self.trainer.total_steps}
+                  "steps": self.trainer.total_steps,
+                  # how much the decoder amplifies a latent error at each frame index: see decoder_gain_by_frame
+                  "decoder_gain_by_latent_frame": decoder_gain_by_frame(codec, 2, num_frames=frames, size=self.size)}
         (folder / "evaluation.json").write_text(json.dumps(report, indent=1) + "\n")
         return report
