@@ -105,7 +105,7 @@ def decoder_gain_by_frame(codec: LatentCodec, n_clips: int = 4, num_frames: int 
         if squared is None:
             squared = [0.0] * latents.shape[2]
         for k in range(latents.shape[2]):
-            nudged = latents.clone()
+            nudged = latents[:, :, :k + 1].clone()  # the decoder is causal: later frames cannot change these
             nudged[:, :, k] += noise * torch.randn(nudged[:, :, k].shape, generator=generator).to(nudged)
             pixels = slice(0, 1) if k == 0 else slice(1 + stride * (k - 1), 1 + stride * k)
             squared[k] += (codec.decode(nudged).float()[:, :, pixels] - clean[:, :, pixels]).pow(2).mean().item()
