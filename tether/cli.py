@@ -181,7 +181,24 @@ def cmd_train(args) -> int:
     if trainer.is_main:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
         print(f"{args.recipe}: {trainer.total_steps} steps in {out} ({summary})")
+    if trainer.world_size > 1:
+        _leave_without_interpreter_teardown()
     return 0
+
+
+def _leave_without_interpreter_teardown() -> None:
+    """Exit a finished torchrun rank at once, everything written and the process group destroyed.
+
+    Even after destroy_process_group, gloo's worker threads can outlive the Python objects they
+    reference; interpreter finalisation then aborts the rank ("terminate called without an
+    active exception", SIGABRT) and torchrun fails a run that finished. Measured under load: 1
+    of 12 two-rank self-forcing runs before this exit.
+    """
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _estimate_memory(args, cfg) -> int:
