@@ -86,7 +86,7 @@ def reference_clips(pipe, prompt: str, seed: int) -> dict:
     from ..train.toy_data import clips_to_video
     from ..world import render_clip
 
-    frames, _ = render_clip(prompt, 1 + 4 * (CLIP_LATENT_FRAMES - 1), seed=seed, size=pipe.height)
+    frames, _ = render_clip(prompt, pipe.codec.num_frames(CLIP_LATENT_FRAMES), seed=seed, size=pipe.height)
     video = clips_to_video([frames])
     with torch.no_grad():
         latents = pipe.codec.encode(video.to(pipe.codec_dtype))

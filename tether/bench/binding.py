@@ -159,8 +159,8 @@ def run(checkpoint=None, transformer_path=None, clips: int = 100, seed: int = HE
     started = time.perf_counter()
     scored = []
     for index in tqdm(range(clips), desc="binding", unit="clip", disable=not progress):
-        frames, prompt, truths = sample_clip(seed, index, 1 + pipe.codec.temporal_stride * (CLIP_LATENT_FRAMES - 1),
-                                             pipe.height, with_truth=True)
+        frames, prompt, truths = sample_clip(seed, index, pipe.codec.num_frames(CLIP_LATENT_FRAMES), pipe.height,
+                                             with_truth=True)
         with torch.inference_mode():
             latents = pipe.codec.encode(clips_to_video([frames]))[0].float()
         masks = object_masks(truths, latents.shape[1:], pipe.height, pipe.codec.temporal_stride)
