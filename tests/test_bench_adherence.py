@@ -90,3 +90,23 @@ def test_summary_gives_each_mean_its_standard_error_over_clips():
     assert summary["adherence"]["colour"] == {"mean": None, "stderr": None, "clips": 0}
     assert summarise([clip(1.0)])["adherence"]["shape"]["stderr"] is None  # one clip has no spread
     assert summary["subject_frames"] == 0.75 and summary["clips_without_subject"] == 1
+
+
+def test_teacher_is_sampled_on_the_bundles_grid_unless_told_otherwise(monkeypatch, one_thread):
+    """The built-in bundle names the grid its student was distilled from; flags override it."""
+    from tether.bench import adherence
+
+    grids = []
+
+    def fake_teacher_clip(pipe, teacher, prompt, seed, steps, shift, guidance, **_):
+        grids.append((steps, shift))
+        return np.zeros((81, 64, 64, 3), dtype=np.uint8)
+
+    monkeypatch.setattr(adherence, "teacher_clip", fake_teacher_clip)
+    teacher = "tether/weights/default/teacher.safetensors"
+    sampling = json.loads(open("tether/weights/default/pipeline.json").read())["teacher_sampling"]
+    report = adherence.run(None, teacher, clips=1, student=False, progress=False)
+    assert grids == [(sampling["steps"], sampling["shift"])]
+    assert report["teacher_sampling"]["steps"] == sampling["steps"]
+    adherence.run(None, teacher, clips=1, student=False, progress=False, teacher_steps=7, shift=2.0)
+    assert grids[-1] == (7, 2.0)

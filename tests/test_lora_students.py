@@ -107,6 +107,8 @@ def test_shipped_students_are_adapters_over_the_default(name, policy):
     assert meta["base"] == "../default"
     student, default = load_pipeline(name), load_pipeline()
     assert student.policy == policy and default.policy == "window"
+    # An adapter samples as its base does: the same shift, the same teacher grid.
+    assert student.shift == default.shift and student.teacher_sampling == default.teacher_sampling
     moved = [k for k, v in default.model.state_dict().items() if not torch.equal(v, student.model.state_dict()[k])]
     assert moved and all("attn." in k for k in moved)
 

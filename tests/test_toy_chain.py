@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tether.text import load_text_encoder, make_toy_text_encoder
+from tether.text import load_text_encoder, make_toy_text_encoder, save_toy_text_encoder
 from tether.train import Trainer
 from tether.train.config import load_config
 from tether.train.data import LatentData
@@ -271,7 +271,24 @@ def test_teacher_phases_must_be_override_lists(tmp_path):
     for bad in ("teacher.phases=[]", "teacher.phases=[steps=3]", "teacher.phases=[[3]]"):
         with pytest.raises(TetherError, match="list of override lists"):
             ToyChain(tmp_path, overrides=[bad])
-    assert ToyChain(tmp_path).teacher_phase_name(0) == "teacher"  # no phases: the single run it always was
+    assert ToyChain(tmp_path, overrides=["teacher.phases=[[]]"]).teacher_phase_name(0) == "teacher"  # a single run
+
+
+def test_chain_defaults_are_the_built_in_models_recipe_and_the_users_overrides_win(tmp_path):
+    from tether.train.toy import ToyChain
+
+    chain = ToyChain(tmp_path)
+    assert len(chain.teacher_phases) == 3 and chain.teacher_phase_name(0) == "teacher-phase1"
+    teacher = chain.config_of("teacher", chain._data_overrides())
+    assert teacher["model"]["source"] == "toy-s4" and teacher["shift"] == 1.0
+    assert teacher["data"]["path"] == str(tmp_path / "dataset")
+    ode = chain.config_of("ode-init", ["model.source=some/teacher.safetensors"])
+    assert ode["model"]["source"] == "some/teacher.safetensors"  # the chain's wiring beats the defaults
+    assert ode["ode"]["steps"] == 48 and ode["ode"]["shift"] == 3.0 and ode["shift"] == 1.0
+    assert chain.config_of("vae")["model"]["source"] == "toy-s4"
+    mine = ToyChain(tmp_path, overrides=["teacher.model.source=toy", "teacher.shift=5.0", "teacher.phases=[[steps=7]]"])
+    teacher = mine.config_of("teacher", last=mine.teacher_phases[0])
+    assert teacher["model"]["source"] == "toy" and teacher["shift"] == 5.0 and teacher["steps"] == 7
 
 
 def test_decoder_gain_is_zero_without_noise_and_grows_with_it():
@@ -282,3 +299,31 @@ def test_decoder_gain_is_zero_without_noise_and_grows_with_it():
     assert decoder_gain_by_frame(codec, 1, num_frames=9, size=16, noise=0.0) == [0.0, 0.0, 0.0]
     small, large = (decoder_gain_by_frame(codec, 1, num_frames=9, size=16, noise=n) for n in (0.05, 0.5))
     assert all(0 < a < b for a, b in zip(small, large))
+
+
+def test_export_writes_a_bundle_that_names_its_vae_model_and_teacher_grid(tmp_path):
+    """The chain's export: fp16 student and teacher, the VAE's stride and the transformer's size in the
+    description, and the teacher's Euler grid that ode-init distilled (how to sample the teacher)."""
+    from tether.checkpoints import load_transformer, save_transformer
+    from tether.pipeline import load_pipeline
+    from tether.train.toy import ToyChain
+
+    chain = ToyChain(tmp_path, progress=False)
+    for recipe in ("teacher", "self-forcing"):
+        chain.transformer_of(recipe).parent.mkdir(parents=True)
+        save_transformer(load_transformer("tiny"), chain.transformer_of(recipe))
+    (tmp_path / "self-forcing" / "config.json").write_text(json.dumps({"shift": 1.0}))
+    (tmp_path / "ode-init").mkdir()
+    (tmp_path / "ode-init" / "config.json").write_text(json.dumps({"shift": 1.0, "ode": {"steps": 48, "shift": 3.0}}))
+    load_vae("tiny").save_pretrained(chain.vae_folder)
+    save_toy_text_encoder(make_toy_text_encoder(vocabulary(), dim=32, layers=1, heads=2, text_len=8, seed=0),
+                          chain.text_folder)
+    chain.dataset_folder.mkdir()
+    (chain.dataset_folder / "prompts.json").write_text(json.dumps({"num_clips": 3}))
+    chain.stage_export()
+    meta = json.loads((chain.bundle_folder / "pipeline.json").read_text())
+    assert meta["shift"] == 1.0 and meta["teacher_sampling"] == {"steps": 48, "shift": 3.0}
+    tiny = load_transformer("tiny").config
+    assert f"stride-8 toy VAE; {tiny.num_layers}-layer dim-{tiny.dim}" in meta["description"]
+    pipe = load_pipeline(str(chain.bundle_folder))
+    assert pipe.teacher_sampling == {"steps": 48, "shift": 3.0} and pipe.shift == 1.0

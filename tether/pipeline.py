@@ -63,10 +63,12 @@ DEFAULT_POLICY = "window"
 
 class Pipeline:
     def __init__(self, model, text_encoder, codec, size, fps: int = 16, description: str = "", policy: str = DEFAULT_POLICY,
-                 shift: float = DEFAULT_SHIFT):
+                 shift: float = DEFAULT_SHIFT, teacher_sampling: dict | None = None):
         self.model = model
         self.policy = policy  # the memory policy the model was trained with, which it runs by default
         self.shift = shift  # the timestep shift it was trained with: its sampler must use the same
+        # How to sample the bundle's teacher (Euler "steps" and "shift"): the grid the student was distilled from.
+        self.teacher_sampling = dict(teacher_sampling or {})
         self.text_encoder = text_encoder
         self.codec = codec
         self.height, self.width = size
@@ -145,7 +147,9 @@ def _bundle(folder: Path, device, dtype) -> Pipeline:
         model = load_transformer(str(base / "transformer.safetensors"), dtype=dtype, device=device,
                                  lora=str(folder / meta.get("lora", "adapter")))
         components = base
-        meta.setdefault("shift", json.loads((base / "pipeline.json").read_text()).get("shift", DEFAULT_SHIFT))
+        base_meta = json.loads((base / "pipeline.json").read_text())
+        meta.setdefault("shift", base_meta.get("shift", DEFAULT_SHIFT))
+        meta.setdefault("teacher_sampling", base_meta.get("teacher_sampling"))
     else:
         model = load_transformer(str(folder / "transformer.safetensors"), dtype=dtype, device=device)
         components = folder
@@ -153,7 +157,8 @@ def _bundle(folder: Path, device, dtype) -> Pipeline:
     codec = LatentCodec(load_vae(str(components / "vae"), device=device))
     size = (meta["height"], meta["width"])
     return Pipeline(model.eval(), text, codec, size, fps=meta.get("fps", 16), description=meta.get("description", str(folder)),
-                    policy=meta.get("policy", DEFAULT_POLICY), shift=float(meta.get("shift", DEFAULT_SHIFT)))
+                    policy=meta.get("policy", DEFAULT_POLICY), shift=float(meta.get("shift", DEFAULT_SHIFT)),
+                    teacher_sampling=meta.get("teacher_sampling"))
 
 
 def _wan(folder: Path, transformer_source, device, dtype, **load_options) -> Pipeline:

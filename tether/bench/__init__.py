@@ -44,9 +44,11 @@ def _add_adherence_parser(benchmarks) -> None:
     p.add_argument("--policy", help="the student's memory policy (default: the model's own; window for the default)")
     p.add_argument("--teacher-from", help="comma-separated timesteps in (0, 1000): also run the teacher from the world's "
                                           "render noised to each (how much noise it can take before losing the prompt)")
-    p.add_argument("--teacher-steps", type=int, default=24, help="teacher Euler steps (default 24)")
-    p.add_argument("--teacher-shift", type=float, help="shift of the teacher's Euler grid (default: the bundle's); "
-                                                      "a larger shift puts more of the steps at high noise")
+    p.add_argument("--teacher-steps", type=int, help="teacher Euler steps (default: the bundle's teacher_sampling, "
+                                                    "else 24)")
+    p.add_argument("--teacher-shift", type=float, help="shift of the teacher's Euler grid (default: the bundle's "
+                                                      "teacher_sampling, else its shift); a larger shift puts more "
+                                                      "of the steps at high noise")
     p.add_argument("--guidance", type=float, default=3.0, help="teacher CFG scale (default 3, the DMD real score's)")
     p.add_argument("--json", help="write the report to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -41,6 +41,7 @@ CLIP_SECONDS = 5.0
 CLIP_LATENT_FRAMES = 21  # 81 frames: the teacher's training length
 ATTRIBUTES = ("background", "shape", "colour", "pattern", "size")
 BARS = {"background": 0.95, "shape": 0.90, "colour": 0.90, "pattern": 0.90, "size": 0.90}
+DEFAULT_TEACHER_STEPS = 24  # Euler steps for a teacher whose bundle names no teacher_sampling
 
 
 def random_prompts(count: int, seed: int) -> list:
@@ -130,7 +131,7 @@ def summarise(clips: list) -> dict:
 
 
 def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, policy: str | None = None,
-        teacher_steps: int = 24, shift: float | None = None, guidance: float = 3.0, progress: bool = True,
+        teacher_steps: int | None = None, shift: float | None = None, guidance: float = 3.0, progress: bool = True,
         student: bool = True, reference: bool = False, teacher_from=()) -> dict:
     from ..checkpoints import load_transformer
     from ..pipeline import load_pipeline
@@ -139,7 +140,12 @@ def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, pol
 
     pipe = load_pipeline(checkpoint)
     policy = policy or pipe.policy  # a student runs the memory it was trained with
-    shift = pipe.shift if shift is None else shift  # by default the grid of the schedule it was trained with
+    # By default the teacher's grid from the bundle (the one its student was distilled from), else 24
+    # steps on the grid of the schedule it was trained with.
+    if teacher_steps is None:
+        teacher_steps = int(pipe.teacher_sampling.get("steps", DEFAULT_TEACHER_STEPS))
+    if shift is None:
+        shift = float(pipe.teacher_sampling.get("shift", pipe.shift))
     probe = load_probe(str(PROBE_PATH))
     if teacher_from and not teacher_path:
         raise TetherError("--teacher-from needs --teacher")

@@ -3,7 +3,7 @@
     vae      train the toy video VAE (or take the shipped one, tether/weights/default/vae)
     text     the toy text encoder: a frozen, randomly initialised umT5 over the world's words
     dataset  render world clips, encode them once (VAE latents + text embeddings);
-             ~1.5 clips/s of 81 frames at 64x64 on 2 CPU cores: 2000 clips in ~23 min
+             ~2 clips/s of 81 frames at 64x64 on 2 CPU cores: the default 1000 in ~8 min
     teacher  bidirectional flow-matching teacher on that dataset
     student  ode-init, then self-forcing (when those recipes are registered)
     export   a bundle folder that `tether generate --checkpoint` loads
@@ -19,9 +19,13 @@ beside the default instead of another full transformer.
 The teacher may train in phases (`teacher.phases`, a YAML list of override
 lists): each phase is an ordinary `teacher` run that starts from the previous
 phase's export, in out/teacher-phase1, -phase2, ...; the last is out/teacher.
-The crop curriculum of the README is three phases:
-`teacher.phases=[[steps=2500], [data.frames=3, batch_size=28, optimizer.lr=4.0e-4,
-loss.object_weight=4.0, steps=1500], [loss.object_weight=4.0, steps=1500]]`.
+
+The chain's defaults are the recipe of the shipped built-in model (BUILT_IN
+below): the stride-4 VAE and `toy-s4` transformer, shift 1 in every recipe,
+the teacher's three-phase crop curriculum, and ode-init on the teacher's
+48-step shift-3 trajectories. Overrides are applied after them, so
+`teacher.phases=[[]]` is a single teacher run and `teacher.model.source=toy`
+the stride-8 transformer.
 
 A stage whose output exists is skipped, so re-running the command continues
 the chain; a stage interrupted mid-training continues from its checkpoint with
@@ -53,11 +57,28 @@ STUDENT_POLICIES = {"context-forcing": "slow-fast", "grounded-forcing": "dual"}
 # The toy transformer (tether.configs.CONFIGS["toy"]) reads 32 text tokens of width 128.
 DEFAULTS = {
     "text": {"dim": 128, "layers": 2, "heads": 4, "text_len": 32, "seed": 0},
-    "dataset": {"clips": 1200, "frames": 81, "size": 64, "seed": 0, "batch_size": 4},
+    "dataset": {"clips": 1000, "frames": 81, "size": 64, "seed": 0, "batch_size": 4},
     # 405 frames = 102 latent frames, cf-teacher's full layout (sink 3 + sparse 12x6 + motion 6 + target 21).
     "long-dataset": {"clips": 160, "frames": 405, "size": 64, "seed": 1, "batch_size": 2},
     "vae": {"shipped": True},
 }
+# The shipped model's recipe (README, "The built-in model"), applied before the user's overrides.
+# Shift 1 everywhere: SD3's resolution rule (shift grows with sqrt(tokens)) puts a 336-token toy clip
+# near 1, not Wan's 5. ode-init distils the teacher's 48-step shift-3 trajectories, the grid on which the
+# teacher itself follows colour best (bench/results/teacher_sampler/).
+BUILT_IN = {
+    "vae": ["model.source=toy-s4", "data.height=16", "data.width=16", "data.crop=6", "steps=1800"],
+    "teacher": ["model.source=toy-s4", "shift=1.0"],
+    "ode-init": ["shift=1.0", "ode.steps=48", "ode.shift=3.0"],
+    **{recipe: ["shift=1.0"] for recipe in ("self-forcing", "cf-teacher", "cf-stage1", "cf-stage2", "gf-stage1", "gf-stage2")},
+}
+# The teacher's crop curriculum: whole clips, then 3-latent-frame crops with object-weighted loss at a
+# larger batch, then whole clips again with that weighting.
+BUILT_IN_TEACHER_PHASES = [
+    ["steps=2500"],
+    ["data.frames=3", "batch_size=28", "optimizer.lr=4.0e-4", "loss.object_weight=4.0", "steps=1500"],
+    ["loss.object_weight=4.0", "steps=1500"],
+]
 
 
 class ToyChain:
@@ -68,7 +89,7 @@ class ToyChain:
         self.device = device
         self.settings = {stage: dict(values) for stage, values in DEFAULTS.items()}
         self.recipe_overrides = {stage: [] for stage in RECIPE_STAGES}
-        self.teacher_phases = [[]]  # one phase with no overrides of its own: a single teacher run
+        self.teacher_phases = [list(phase) for phase in BUILT_IN_TEACHER_PHASES]
         self._read_overrides(overrides)
         self.times_path = self.out / "chain.json"
 
@@ -158,15 +179,19 @@ class ToyChain:
             print(f"{header}: finished in {seconds:.0f} s{' (' + note + ')' if note else ''}", flush=True)
         return times
 
-    def _train(self, recipe: str, extra=(), run_name: str | None = None, last=()) -> "object":
-        """Run (or continue) a recipe in out/<run_name or recipe>, then export it to its export/ folder.
-
-        Overrides apply in order: `extra`, the user's `recipe.*` overrides, then `last`.
-        """
-        from . import Trainer
+    def config_of(self, recipe: str, extra=(), last=()) -> dict:
+        """The recipe's config with, in order, the built-in recipe's overrides, `extra`, the user's
+        `recipe.*` overrides, then `last`: the user's win over the defaults, the chain's own wiring wins over both."""
         from .config import load_config
 
-        cfg = load_config(recipe, overrides=list(extra) + self.recipe_overrides.get(recipe, []) + list(last))
+        overrides = BUILT_IN.get(recipe, []) + list(extra) + self.recipe_overrides.get(recipe, []) + list(last)
+        return load_config(recipe, overrides=overrides)
+
+    def _train(self, recipe: str, extra=(), run_name: str | None = None, last=()) -> "object":
+        """Run (or continue) a recipe in out/<run_name or recipe>, then export it to its export/ folder."""
+        from . import Trainer
+
+        cfg = self.config_of(recipe, extra, last)
         if self.device:
             cfg["device"] = self.device
         run_dir = self.out / (run_name or recipe)
@@ -256,7 +281,7 @@ class ToyChain:
         import torch
 
         from ..checkpoints import load_transformer, save_transformer
-        from ..configs import CONFIGS
+        from ..vae import LatentCodec, load_vae
 
         student = self.transformer_of("self-forcing")
         transformer = student if student.exists() else self.transformer_of("teacher")
@@ -275,13 +300,21 @@ class ToyChain:
                 save_transformer(load_transformer(str(source)), tmp / name, dtype=torch.float16)
         shutil.copytree(self.text_folder, tmp / "text_encoder")
         shutil.copytree(self.vae_folder, tmp / "vae")
-        toy = CONFIGS["toy"]
+        config = load_transformer(str(tmp / "transformer.safetensors")).config
+        stride = LatentCodec(load_vae(self.vae_folder)).spatial_stride
         clips = json.loads((self.dataset_folder / "prompts.json").read_text())["num_clips"]
         run_config = json.loads((transformer.parent.parent / "config.json").read_text())
         meta = {"height": dataset["size"], "width": dataset["size"], "fps": 16,
                 "shift": float(run_config.get("shift", DEFAULT_SHIFT)),  # its sampler must use the shift it trained at
-                "description": f"toy world model: {what}; toy VAE; {toy.num_layers}-layer dim-{toy.dim} transformer; "
+                "description": f"toy world model: {what}; stride-{stride} toy VAE; {config.num_layers}-layer "
+                               f"dim-{config.dim} transformer; "
                                f"trained by `tether train toy` on {clips} world clips"}
+        ode_config = self.out / "ode-init" / "config.json"
+        if student.exists() and ode_config.exists():
+            # The teacher's grid whose trajectories the student regressed onto: how to sample the teacher.
+            ode = json.loads(ode_config.read_text())
+            meta["teacher_sampling"] = {"steps": int(ode["ode"]["steps"]),
+                                        "shift": float(ode["ode"].get("shift") or ode.get("shift", DEFAULT_SHIFT))}
         (tmp / "pipeline.json").write_text(json.dumps(meta, indent=1) + "\n")
         shutil.rmtree(self.bundle_folder, ignore_errors=True)
         tmp.replace(self.bundle_folder)
