@@ -142,3 +142,28 @@ def test_window_means_and_subject_box():
     indices, crops, backgrounds = split_frames(frames, readings)
     assert indices.tolist() == [0] and crops.shape == (1, 24, 24, 3)  # the box is clamped inside the frame
     assert crops[0].max() == 255 and backgrounds[0].max() == 0 and backgrounds[1].max() == 255
+
+
+def test_fingerprint_follows_the_weights_of_an_adapter_and_of_its_base(tmp_path):
+    """A cached run is reused only for the same weights: a retrained adapter, or the same adapter over
+    a new base, must miss the cache; the same bytes in another folder (a fresh clone) must hit it."""
+    import shutil
+
+    from tether.pipeline import WEIGHTS
+
+    def bundle(name, base_bytes=b"base", adapter_bytes=b"adapter"):
+        base, student = tmp_path / name / "default", tmp_path / name / "student"
+        (base / "vae").mkdir(parents=True)
+        (base / "pipeline.json").write_text(json.dumps({"height": 64, "width": 64}))
+        (base / "transformer.safetensors").write_bytes(base_bytes)
+        (student / "adapter").mkdir(parents=True)
+        (student / "pipeline.json").write_text(json.dumps({"base": "../default", "lora": "adapter"}))
+        (student / "adapter" / "adapter_model.safetensors").write_bytes(adapter_bytes)
+        return quality.model_fingerprint(str(student))
+
+    reference = bundle("a")
+    assert bundle("b") == reference  # same bytes, other folder, other mtimes
+    assert bundle("c", adapter_bytes=b"retrained") != reference
+    assert bundle("d", base_bytes=b"new base") != reference
+    shutil.copytree(WEIGHTS / "default", tmp_path / "copy")
+    assert quality.model_fingerprint(str(tmp_path / "copy")) == quality.model_fingerprint("default")

@@ -132,20 +132,35 @@ def run_key(row: dict, episode_name: str, seed: int) -> str:
 
 
 def model_fingerprint(model: str) -> str:
-    """Identifies the weights a run was made with, without loading them (a new bundle invalidates the cache)."""
+    """Identifies the weights a run was made with (a new bundle, adapter or base invalidates the cache).
+
+    Hashes file contents, not modification times, so a cache committed with the results stays
+    valid in a fresh clone; an adapter bundle's fingerprint covers its base bundle too.
+    """
     from ..pipeline import bundle_folder
 
     folder = bundle_folder(model)
-    meta = folder / "pipeline.json"
-    if not meta.is_file():
+    if not (folder / "pipeline.json").is_file():
         return "toy config, random weights" if model == "default" else str(folder)
-    digest = hashlib.sha256(meta.read_bytes())
-    for name in ("transformer.safetensors",):
+    return _bundle_digest(folder)[:16]
+
+
+def _bundle_digest(folder: Path) -> str:
+    meta_path = folder / "pipeline.json"
+    digest = hashlib.sha256(meta_path.read_bytes())
+    meta = json.loads(meta_path.read_text())
+    weights = ["transformer.safetensors", "vae/diffusion_pytorch_model.safetensors",
+               f"{meta.get('lora', 'adapter')}/adapter_model.safetensors"]
+    for name in weights:
         path = folder / name
-        if path.exists():
-            stat = path.stat()
-            digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
+        if path.is_file():
+            digest.update(name.encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+    if "base" in meta:
+        digest.update(_bundle_digest((folder / meta["base"]).resolve()).encode())
+    return digest.hexdigest()
 
 
 def check_models(models: list) -> None:
