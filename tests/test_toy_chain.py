@@ -67,6 +67,36 @@ def test_vae_export_normalises_latents_and_loads_back(tmp_path):
     assert 0.2 < latents.std().item() < 5.0
 
 
+def test_vae_export_frame_scale_brings_every_latent_frame_index_to_unit_scale(tmp_path):
+    """Recomputed: the exported scale is the std of each frame index of the statistics clips' latents."""
+    from tether.train.recipes.vae import latent_statistics
+
+    overrides = TINY_VAE + ["export.frame_scale=true", "export.frames=9", "export.stats_clips=3"]
+    trainer = Trainer(load_config("vae", overrides=overrides), tmp_path / "run", progress=False)
+    trainer.run()
+    trainer.recipe.export(tmp_path / "vae")
+    vae = load_vae(tmp_path / "vae")
+    scale = vae.config.latents_frame_scale
+    assert len(scale) == 3 and len(set(scale)) == 3  # 9 frames: latent frames 0, 1, 2, each its own scale
+    plain = load_vae(tmp_path / "vae")
+    mean, std = latent_statistics(plain, 3, 9, 16)
+    assert np.allclose(mean, vae.config.latents_mean, atol=1e-3) and np.allclose(std, vae.config.latents_std, rtol=1e-2)
+    # Those clips' latents through the codec: unit std at every frame index.
+    from tether.train.toy_data import clips_to_video
+
+    clips = [sample_clip(1, 10_000 + i, 9, 16)[0] for i in range(3)]
+    latents = LatentCodec(vae).encode(clips_to_video(clips))
+    per_frame = latents.transpose(0, 2).flatten(1).std(1)
+    assert torch.allclose(per_frame, torch.ones(3), atol=0.02)
+    # A decoder-only fine-tune keeps the scale with the rest of the latent space.
+    tune_overrides = [o for o in TINY_VAE if not o.startswith("model.source")]
+    tune = Trainer(load_config("vae", overrides=tune_overrides + [f"model.source={tmp_path / 'vae'}", "model.train=decoder"]),
+                   tmp_path / "tune", progress=False)
+    tune.run()
+    tune.recipe.export(tmp_path / "tuned")
+    assert load_vae(tmp_path / "tuned").config.latents_frame_scale == scale
+
+
 def test_stride_four_vae_trains_at_its_own_latent_size(tmp_path):
     """data.height counts latent pixels at the VAE's own stride: 4 of them are 16 px for "toy-s4"."""
     overrides = TINY_VAE + ["model.source=toy-s4", "data.height=4", "data.width=4"]

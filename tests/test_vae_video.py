@@ -97,6 +97,26 @@ def test_streaming_encode_equals_one_shot(tiny_codec):
         encoder.encode_chunk(video[:, :, :5])
 
 
+def test_frame_scale_streams_as_one_shot_and_survives_save_and_load(tmp_path):
+    """A per-frame-index scale must apply to a chunk's frames by their index in the whole video."""
+    vae = load_vae("tiny")
+    vae.register_to_config(latents_frame_scale=[0.3, 0.6, 1.2])
+    vae.save_pretrained(tmp_path / "vae")
+    codec = LatentCodec(load_vae(tmp_path / "vae"))
+    assert codec.frame_scale.tolist() == pytest.approx([0.3, 0.6, 1.2])
+    latents = random_latents(7)
+    one_shot = codec.decode(latents)
+    assert (torch.cat(decode_in_chunks(codec, latents, [1, 2, 4]), dim=2) - one_shot).abs().max().item() <= 1e-5
+    # The scale is the only difference from the plain codec: frame k is decoded as if scaled by scale[min(k, 2)].
+    scaled = latents * torch.tensor([0.3, 0.6] + [1.2] * 5).view(1, 1, -1, 1, 1)
+    assert (LatentCodec(load_vae("tiny")).decode(scaled) - one_shot).abs().max().item() <= 1e-5
+    video = torch.rand(1, 3, 1 + 4 * 5, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    encoder = StreamingEncoder(codec)
+    pieces = [encoder.encode_chunk(video[:, :, :5]), encoder.encode_chunk(video[:, :, 5:])]
+    assert (torch.cat(pieces, dim=2) - codec.encode(video)).abs().max().item() <= 1e-5
+    assert (codec.denormalize(codec.normalize(scaled, first_frame=2), first_frame=2) - scaled).abs().max() <= 1e-5
+
+
 # ----------------------------------------------------------------------------- codec
 
 

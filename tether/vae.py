@@ -62,6 +62,8 @@ BUILTIN_VAE_CONFIGS: dict[str, dict[str, Any]] = {
                "scale_factor_spatial": 4, **_UNIT_STATS},
 }
 _BUILTIN_SEED = 0
+# Config key of the per-frame-index latent scale (see LatentCodec), saved with the VAE's config.
+FRAME_SCALE_KEY = "latents_frame_scale"
 
 _DIFFUSERS_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _DIFFUSERS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -184,9 +186,13 @@ def _load_diffusers_folder(folder: Path) -> AutoencoderKLWan:
     if class_name != "AutoencoderKLWan":
         raise TetherError(f"VAE folder {folder} holds a {class_name}, not an AutoencoderKLWan")
     config = {key: value for key, value in config.items() if not key.startswith("_")}
+    frame_scale = config.pop(FRAME_SCALE_KEY, None)  # tether's addition: AutoencoderKLWan does not take it
 
     state_dict = _read_diffusers_weights(folder)
-    return _build_and_load(config, state_dict, f"VAE folder {folder}", None)
+    vae = _build_and_load(config, state_dict, f"VAE folder {folder}", None)
+    if frame_scale is not None:
+        vae.register_to_config(**{FRAME_SCALE_KEY: list(frame_scale)})
+    return vae
 
 
 def _read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -355,6 +361,12 @@ class LatentCodec:
         self.latents_std = torch.tensor(config.latents_std, dtype=parameter.dtype).view(stats_shape)
         self.latents_mean = self.latents_mean.to(parameter.device)
         self.latents_std = self.latents_std.to(parameter.device)
+        # A causal encoder trained from scratch encodes the first latent frames at a fraction of its
+        # steady scale (it starts from empty caches), which leaves them at a lower signal-to-noise
+        # ratio than later frames at every diffusion timestep. One factor per leading frame index
+        # (the last applies to every later frame) brings each index to unit scale.
+        scale = getattr(config, FRAME_SCALE_KEY, None) or [1.0]
+        self.frame_scale = torch.tensor(scale, dtype=parameter.dtype, device=parameter.device)
 
     @property
     def device(self) -> torch.device:
@@ -374,12 +386,19 @@ class LatentCodec:
             raise ValueError(f"a video must have 1 + {self.temporal_stride}k frames, got {num_frames}")
         return 1 + (num_frames - 1) // self.temporal_stride
 
-    def normalize(self, raw_latents: torch.Tensor) -> torch.Tensor:
-        return (raw_latents - self.latents_mean) / self.latents_std
+    def frame_scale_of(self, first_frame: int, num_frames: int) -> torch.Tensor:
+        """[1, 1, num_frames, 1, 1]: the scale of latent frames first_frame, first_frame + 1, ... of a video."""
+        index = torch.arange(first_frame, first_frame + num_frames, device=self.device)
+        return self.frame_scale[index.clamp_max(len(self.frame_scale) - 1)].view(1, 1, -1, 1, 1)
 
-    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+    def normalize(self, raw_latents: torch.Tensor, first_frame: int = 0) -> torch.Tensor:
+        """Raw latents of a video's frames first_frame, ... -> unit-scale latents."""
+        scale = self.frame_scale_of(first_frame, raw_latents.shape[2])
+        return (raw_latents - self.latents_mean) / (self.latents_std * scale)
+
+    def denormalize(self, latents: torch.Tensor, first_frame: int = 0) -> torch.Tensor:
         latents = latents.to(device=self.device, dtype=self.dtype)
-        return latents * self.latents_std + self.latents_mean
+        return latents * (self.latents_std * self.frame_scale_of(first_frame, latents.shape[2])) + self.latents_mean
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -473,7 +492,7 @@ class StreamingDecoder(_CausalStream):
         """Normalised latents [B, z, f, h, w] -> video [B, 3, t, 8h, 8w] in [-1, 1]."""
         self.codec._check_latents(latents)
         vae = self.codec.vae
-        hidden = vae.post_quant_conv(self.codec.denormalize(latents))
+        hidden = vae.post_quant_conv(self.codec.denormalize(latents, first_frame=self.latent_frames_done))
         # One latent frame per decoder call, exactly like diffusers' one-shot
         # decode, so results match it bit for bit.
         pieces = []
@@ -517,10 +536,11 @@ class StreamingEncoder(_CausalStream):
         if not self.started:
             group_starts.insert(0, 0)
         group_ends = group_starts[1:] + [video.shape[2]]
+        first_frame = self.latent_frames_done
         pieces = []
         for start, end in zip(group_starts, group_ends):
             pieces.append(vae.encoder(video[:, :, start:end], feat_cache=self._feature_cache, feat_idx=[0]))
             self.latent_frames_done += 1
         moments = vae.quant_conv(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
         mean = moments[:, : self.codec.z_dim]
-        return self.codec.normalize(mean)
+        return self.codec.normalize(mean, first_frame=first_frame)

@@ -37,8 +37,16 @@ cores; see the config's comments):
   4th latent frame on, the causal caches' steady state being unseen;
 - object-centred crops (`data.object_crops`): objects cover a few % of a
   frame, and a loss that is nearly all background learns them last.
-Even so, a CPU hour gives a blurry VAE (~20 dB); more steps (a GPU) continue
+Even so, a CPU hour gives a blurry VAE (~20-22 dB); more steps (a GPU) continue
 from the shipped weights with `model.source=tether/weights/default/vae`.
+
+`export.frame_scale: true` also measures the normalised latents' std at each
+latent frame index and saves it in the config (`latents_frame_scale`), so the
+codec brings every frame index to unit scale: trained from scratch, the causal
+encoder writes the first latent frames at a third of the steady scale
+(`tether bench latents`), where every diffusion timestep leaves them at ~1/9
+of the later frames' signal-to-noise ratio. It changes the latent space, so it
+is off for the shipped VAE and for decoder-only fine-tunes (which keep theirs).
 """
 
 import json
@@ -48,7 +56,7 @@ from pathlib import Path
 import torch
 
 from ...errors import TetherError
-from ...vae import LatentCodec, load_vae, use_onednn_convolutions
+from ...vae import FRAME_SCALE_KEY, LatentCodec, load_vae, use_onednn_convolutions
 from ..recipe import Recipe, register_recipe
 from ..toy_data import clips_to_video, sample_clip
 
@@ -113,14 +121,25 @@ def decoder_gain_by_frame(codec: LatentCodec, n_clips: int = 4, num_frames: int 
 
 
 @torch.no_grad()
-def latent_statistics(vae, n_clips: int, num_frames: int, size: int, seed: int = HELD_OUT_SEED):
-    """Per-channel mean and std of the posterior means of held-out clips (raw, unnormalised latents)."""
+def latent_statistics(vae, n_clips: int, num_frames: int, size: int, seed: int = HELD_OUT_SEED,
+                      by_frame: bool = False):
+    """Per-channel mean and std of the posterior means of held-out clips (raw, unnormalised latents).
+
+    With `by_frame`, also the std at each latent frame index of the latents normalised by those
+    (the codec's `latents_frame_scale`, which brings every frame index to unit scale).
+    """
     raw = []
     for index in range(n_clips):
         frames, _ = sample_clip(seed, 10_000 + index, num_frames, size)  # clips the PSNR evaluation does not use
         raw.append(vae.encode(clips_to_video([frames])).latent_dist.mean)
-    raw = torch.cat(raw).transpose(0, 1).flatten(1)  # [channels, everything else]
-    return raw.mean(1).tolist(), raw.std(1).clamp_min(1e-6).tolist()
+    raw = torch.cat(raw)  # [clips, channels, frames, h, w]
+    channels = raw.transpose(0, 1).flatten(1)
+    mean, std = channels.mean(1), channels.std(1).clamp_min(1e-6)
+    if not by_frame:
+        return mean.tolist(), std.tolist()
+    normalised = (raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+    scale = normalised.transpose(0, 2).flatten(1).std(1).clamp_min(1e-6)  # one per latent frame index
+    return mean.tolist(), std.tolist(), [round(v, 4) for v in scale.tolist()]
 
 
 def decode_without_clamp(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -280,16 +299,25 @@ class VAE(Recipe):
 
         cfg = self.cfg
         export_cfg = cfg.get("export", {})
-        vae = AutoencoderKLWan.from_config(self.vae.config)
+        source_config = dict(self.vae.config)
+        frame_scale = source_config.pop(FRAME_SCALE_KEY, None)
+        vae = AutoencoderKLWan.from_config(source_config)
         vae.load_state_dict(self.trainer.weights("vae", ema=bool(cfg.get("ema"))))
         vae.eval().requires_grad_(False)
         use_onednn_convolutions(vae)  # single-clip encodes on CPU: ~2x faster (see tether.vae)
         frames = int(export_cfg.get("frames", 33))
         if self.train_part == "decoder":
-            mean, std = self.vae.config.latents_mean, self.vae.config.latents_std  # the same encoder, the same latents
+            # the same encoder, the same latents: keep every statistic that defines them
+            mean, std = self.vae.config.latents_mean, self.vae.config.latents_std
+        elif export_cfg.get("frame_scale", False):
+            mean, std, frame_scale = latent_statistics(vae, int(export_cfg.get("stats_clips", 32)), frames, self.size,
+                                                       by_frame=True)
         else:
             mean, std = latent_statistics(vae, int(export_cfg.get("stats_clips", 32)), frames, self.size)
+            frame_scale = None
         vae.register_to_config(latents_mean=mean, latents_std=std)
+        if frame_scale:
+            vae.register_to_config(**{FRAME_SCALE_KEY: list(frame_scale)})
         dtype = getattr(torch, str(export_cfg.get("dtype", "float32")))
         folder = Path(folder)
         torch.nn.Module.to(vae, dtype=dtype).save_pretrained(folder)  # ModelMixin.to warns about fp32-pinned modules; there are none
