@@ -358,15 +358,16 @@ def test_a_bundle_samples_at_the_shift_it_was_trained_with(tmp_path):
     for part in ("transformer.safetensors", "text_encoder", "vae"):
         os.symlink(BUILTIN / part, bundle / part)
     meta = json.loads((BUILTIN / "pipeline.json").read_text())
-    (bundle / "pipeline.json").write_text(json.dumps(meta | {"shift": 1.0}))
+    (bundle / "pipeline.json").write_text(json.dumps(meta | {"shift": 5.0}))
     pipe = load_pipeline(str(bundle))
-    assert pipe.shift == 1.0
-    assert pipe.make_stream("window").sampler.timesteps == [1000.0, 750.0, 500.0, 250.0]
-    assert pipe.make_stream("rolling").sampler.timesteps == [1000.0, 800.0, 600.0, 400.0, 200.0]
-    assert load_pipeline().make_stream("window").sampler.timesteps == warp_steps([1000, 750, 500, 250], 5.0)
+    assert pipe.shift == 5.0
+    assert pipe.make_stream("window").sampler.timesteps == warp_steps([1000, 750, 500, 250], 5.0)
+    assert pipe.make_stream("rolling").sampler.timesteps == warp_steps([1000, 800, 600, 400, 200], 5.0)
+    assert meta["shift"] == 1.0  # the built-in model trained at shift 1: its steps are the unwarped ones
+    assert load_pipeline().make_stream("window").sampler.timesteps == [1000.0, 750.0, 500.0, 250.0]
     adapter = tmp_path / "adapter-bundle"
     adapter.mkdir()
     os.symlink(BUILTIN.parent / "context-forcing" / "adapter", adapter / "adapter")
     (adapter / "pipeline.json").write_text(json.dumps({"base": os.path.relpath(bundle, adapter), "lora": "adapter",
                                                         "height": 64, "width": 64}))
-    assert load_pipeline(str(adapter)).shift == 1.0
+    assert load_pipeline(str(adapter)).shift == 5.0
