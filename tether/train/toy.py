@@ -295,12 +295,14 @@ class ToyChain:
         tmp.mkdir(parents=True)
         # fp16 on disk (half the size; loading casts back to the run dtype), the teacher beside the
         # student because every later recipe (cf-teacher, DMD's real score) starts from it.
+        written = {}
         for source, name in ((transformer, "transformer.safetensors"), (self.transformer_of("teacher"), "teacher.safetensors")):
             if source.exists():
-                save_transformer(load_transformer(str(source)), tmp / name, dtype=torch.float16)
+                written[name] = load_transformer(str(source))
+                save_transformer(written[name], tmp / name, dtype=torch.float16)
         shutil.copytree(self.text_folder, tmp / "text_encoder")
         shutil.copytree(self.vae_folder, tmp / "vae")
-        config = load_transformer(str(tmp / "transformer.safetensors")).config
+        config = written["transformer.safetensors"].config
         stride = LatentCodec(load_vae(self.vae_folder)).spatial_stride
         clips = json.loads((self.dataset_folder / "prompts.json").read_text())["num_clips"]
         run_config = json.loads((transformer.parent.parent / "config.json").read_text())
