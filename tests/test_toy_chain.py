@@ -79,7 +79,7 @@ def test_vae_export_frame_scale_brings_every_latent_frame_index_to_unit_scale(tm
     scale = vae.config.latents_frame_scale
     assert len(scale) == 3 and len(set(scale)) == 3  # 9 frames: latent frames 0, 1, 2, each its own scale
     plain = load_vae(tmp_path / "vae")
-    mean, std = latent_statistics(plain, 3, 9, 16)
+    mean, std, _ = latent_statistics(plain, 3, 9, 16)
     assert np.allclose(mean, vae.config.latents_mean, atol=1e-3) and np.allclose(std, vae.config.latents_std, rtol=1e-2)
     # Those clips' latents through the codec: unit std at every frame index.
     from tether.train.toy_data import clips_to_video

@@ -342,6 +342,12 @@ def video_tensor_to_frames(video: torch.Tensor) -> np.ndarray:
 # ----------------------------------------------------------------------------- latents
 
 
+def std_by_latent_frame(latents: torch.Tensor) -> list:
+    """Standard deviation of latents [N, C, F, h, w] at each latent frame index (over clips, channels, pixels)."""
+    latents = latents.float()
+    return [round(float(latents[:, :, k].std()), 4) for k in range(latents.shape[2])]
+
+
 class LatentCodec:
     """Encode videos to normalised latents and decode them back, in one shot.
 

@@ -101,8 +101,9 @@ def classify(inputs: torch.Tensor, labels: torch.Tensor, is_test: torch.Tensor, 
 
 def scale_by_frame(latents: torch.Tensor, clips: int = 1000) -> list:
     """Standard deviation of the (normalised) latents [N, C, F, h, w] at each latent frame index, over the first clips."""
-    sample = latents[:clips].float()
-    return [round(float(sample[:, :, k].std()), 4) for k in range(sample.shape[2])]
+    from ..vae import std_by_latent_frame
+
+    return std_by_latent_frame(latents[:clips])
 
 
 def run(dataset, clips: int | None = None, steps: int = 3000, progress: bool = True) -> dict:

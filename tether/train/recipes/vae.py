@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from ...errors import TetherError
-from ...vae import FRAME_SCALE_KEY, LatentCodec, load_vae, use_onednn_convolutions
+from ...vae import FRAME_SCALE_KEY, LatentCodec, load_vae, std_by_latent_frame, use_onednn_convolutions
 from ..recipe import Recipe, register_recipe
 from ..toy_data import clips_to_video, sample_clip
 
@@ -121,13 +121,10 @@ def decoder_gain_by_frame(codec: LatentCodec, n_clips: int = 4, num_frames: int 
 
 
 @torch.no_grad()
-def latent_statistics(vae, n_clips: int, num_frames: int, size: int, seed: int = HELD_OUT_SEED,
-                      by_frame: bool = False):
-    """Per-channel mean and std of the posterior means of held-out clips (raw, unnormalised latents).
-
-    With `by_frame`, also the std at each latent frame index of the latents normalised by those
-    (the codec's `latents_frame_scale`, which brings every frame index to unit scale).
-    """
+def latent_statistics(vae, n_clips: int, num_frames: int, size: int, seed: int = HELD_OUT_SEED):
+    """Per-channel mean and std of the posterior means of held-out clips (raw, unnormalised latents), and
+    the std at each latent frame index of the latents normalised by those (the codec's
+    `latents_frame_scale`, which brings every frame index to unit scale)."""
     raw = []
     for index in range(n_clips):
         frames, _ = sample_clip(seed, 10_000 + index, num_frames, size)  # clips the PSNR evaluation does not use
@@ -135,11 +132,8 @@ def latent_statistics(vae, n_clips: int, num_frames: int, size: int, seed: int =
     raw = torch.cat(raw)  # [clips, channels, frames, h, w]
     channels = raw.transpose(0, 1).flatten(1)
     mean, std = channels.mean(1), channels.std(1).clamp_min(1e-6)
-    if not by_frame:
-        return mean.tolist(), std.tolist()
     normalised = (raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
-    scale = normalised.transpose(0, 2).flatten(1).std(1).clamp_min(1e-6)  # one per latent frame index
-    return mean.tolist(), std.tolist(), [round(v, 4) for v in scale.tolist()]
+    return mean.tolist(), std.tolist(), std_by_latent_frame(normalised)
 
 
 def decode_without_clamp(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -309,12 +303,9 @@ class VAE(Recipe):
         if self.train_part == "decoder":
             # the same encoder, the same latents: keep every statistic that defines them
             mean, std = self.vae.config.latents_mean, self.vae.config.latents_std
-        elif export_cfg.get("frame_scale", False):
-            mean, std, frame_scale = latent_statistics(vae, int(export_cfg.get("stats_clips", 32)), frames, self.size,
-                                                       by_frame=True)
         else:
-            mean, std = latent_statistics(vae, int(export_cfg.get("stats_clips", 32)), frames, self.size)
-            frame_scale = None
+            mean, std, measured_scale = latent_statistics(vae, int(export_cfg.get("stats_clips", 32)), frames, self.size)
+            frame_scale = measured_scale if export_cfg.get("frame_scale", False) else None
         vae.register_to_config(latents_mean=mean, latents_std=std)
         if frame_scale:
             vae.register_to_config(**{FRAME_SCALE_KEY: list(frame_scale)})
