@@ -357,3 +357,39 @@ def test_export_writes_a_bundle_that_names_its_vae_model_and_teacher_grid(tmp_pa
     assert f"stride-8 toy VAE; {tiny.num_layers}-layer dim-{tiny.dim}" in meta["description"]
     pipe = load_pipeline(str(chain.bundle_folder))
     assert pipe.teacher_sampling == {"steps": 48, "shift": 3.0} and pipe.shift == 1.0
+
+
+def test_vae_variant_trains_from_a_built_in_with_changed_arguments(tmp_path):
+    """model.config changes the built-in's architecture; the strides follow from its layers."""
+    overrides = TINY_VAE + ["model.config.z_dim=8", "model.config.temperal_downsample=[false,false,true]", "data.frames=3"]
+    trainer = Trainer(load_config("vae", overrides=overrides), tmp_path / "run", progress=False)
+    trainer.run()
+    trainer.recipe.export(tmp_path / "vae")
+    codec = LatentCodec(load_vae(tmp_path / "vae"))
+    assert (codec.temporal_stride, codec.spatial_stride) == (2, 8)
+    frames, _ = sample_clip(5, 0, num_frames=5, size=16)
+    from tether.train.toy_data import clips_to_video
+
+    assert codec.encode(clips_to_video([frames])).shape == (1, 8, 3, 2, 2)
+
+
+def test_vae_variant_of_a_built_in_matches_the_built_in_where_unchanged():
+    from tether.vae import builtin_vae
+
+    plain, same = load_vae("toy-s4"), builtin_vae("toy-s4", {})
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), same.state_dict().values()))
+    wide = builtin_vae("toy-s4", {"z_dim": 32})
+    assert wide.config.z_dim == 32 and len(wide.config.latents_std) == 32 and wide.config.scale_factor_spatial == 4
+
+
+def test_vae_variant_needs_a_built_in_source_and_buildable_arguments(tmp_path):
+    from tether.errors import TetherError
+    from tether.vae import builtin_vae
+
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    with pytest.raises(TetherError, match="model.source must name one"):
+        Trainer(load_config("vae", overrides=TINY_VAE + [f"model.source={folder}", "model.config.z_dim=8"]),
+                tmp_path / "run", progress=False).run()
+    with pytest.raises(TetherError, match="does not build"):
+        builtin_vae("tiny", {"no_such_argument": 1})

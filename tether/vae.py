@@ -34,6 +34,7 @@ __all__ = [
     "LatentCodec",
     "StreamingDecoder",
     "StreamingEncoder",
+    "builtin_vae",
     "frames_to_video_tensor",
     "load_vae",
     "use_onednn_convolutions",
@@ -110,9 +111,7 @@ def load_vae(
     elif path.is_file():
         vae = _load_checkpoint_file(path, _resolve_config(config))
     elif name in BUILTIN_VAE_CONFIGS:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_BUILTIN_SEED)
-            vae = AutoencoderKLWan(**BUILTIN_VAE_CONFIGS[name])
+        vae = builtin_vae(name)
     else:
         raise TetherError(
             f"VAE not found: '{name}' is neither an existing checkpoint file or folder "
@@ -126,6 +125,27 @@ def load_vae(
     if fast_cpu_convolutions:
         use_onednn_convolutions(vae)
     return vae
+
+
+def builtin_vae(name: str, overrides: Mapping[str, Any] | None = None) -> AutoencoderKLWan:
+    """A built-in VAE config's seeded random weights, with `AutoencoderKLWan` arguments changed by `overrides`
+    (e.g. ``{"z_dim": 32}`` or ``{"temperal_downsample": [False, True]}``):
+    how a variant of the toy VAE is trained from scratch."""
+    if name not in BUILTIN_VAE_CONFIGS:
+        raise TetherError(f"unknown VAE config '{name}' (built-in: {', '.join(BUILTIN_VAE_CONFIGS)})")
+    config = {**BUILTIN_VAE_CONFIGS[name], **(overrides or {})}
+    # The strides follow from the layers (one halving per downsampling stage), so an override can't contradict them.
+    config["scale_factor_spatial"] = 2 ** (len(config.get("dim_mult", [1, 2, 4, 4])) - 1)
+    config["scale_factor_temporal"] = 2 ** sum(bool(d) for d in config.get("temperal_downsample", [False, True, True]))
+    z_dim = config.get("z_dim", 16)
+    if len(config.get("latents_mean", [])) != z_dim:  # unit statistics until an export measures them
+        config.update(latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_BUILTIN_SEED)
+            return AutoencoderKLWan(**config)
+    except (TypeError, ValueError, IndexError) as error:
+        raise TetherError(f"VAE config '{name}' with {dict(overrides or {})} does not build: {error}") from None
 
 
 def use_onednn_convolutions(vae: torch.nn.Module) -> None:

@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from ...errors import TetherError
-from ...vae import FRAME_SCALE_KEY, LatentCodec, load_vae, std_by_latent_frame, use_onednn_convolutions
+from ...vae import FRAME_SCALE_KEY, LatentCodec, builtin_vae, load_vae, std_by_latent_frame, use_onednn_convolutions
 from ..recipe import Recipe, register_recipe
 from ..toy_data import clips_to_video, sample_clip
 
@@ -182,7 +182,17 @@ class VAE(Recipe):
     def setup(self):
         cfg = self.cfg
         source = str(cfg.get("model", {}).get("source", "toy"))
-        vae = load_vae(source, fast_cpu_convolutions=False)  # a folder fine-tunes a trained VAE
+        # `model.config`: AutoencoderKLWan arguments over a built-in config (z_dim, temperal_downsample, ...),
+        # to train a variant from scratch. A trained folder carries its own architecture.
+        variant = cfg.get("model", {}).get("config")
+        if variant and Path(source).exists():
+            raise TetherError("model.config changes a built-in VAE's architecture: model.source must name one, not a folder")
+        if variant:
+            if not isinstance(variant, dict):
+                raise TetherError(f"model.config must be a mapping of AutoencoderKLWan arguments, got {variant!r}")
+            vae = builtin_vae(source, variant)
+        else:
+            vae = load_vae(source, fast_cpu_convolutions=False)  # a folder fine-tunes a trained VAE
         if cfg.get("model", {}).get("init") == "kaiming" and not Path(source).exists():
             kaiming_init(vae, seed=int(cfg.get("seed", 0)))
         vae = vae.float().train().requires_grad_(True)
