@@ -38,7 +38,7 @@ from tqdm import tqdm
 from ..errors import TetherError
 
 CLIP_SECONDS = 5.0
-CLIP_LATENT_FRAMES = 21  # 81 frames: the teacher's training length
+CLIP_FRAMES = 81  # 5 s at 16 fps: the teacher's training length (21 latent frames at Wan's temporal stride 4)
 ATTRIBUTES = ("background", "shape", "colour", "pattern", "size")
 BARS = {"background": 0.95, "shape": 0.90, "colour": 0.90, "pattern": 0.90, "size": 0.90}
 DEFAULT_TEACHER_STEPS = 24  # Euler steps for a teacher whose bundle names no teacher_sampling
@@ -71,7 +71,8 @@ def teacher_clip(pipe, teacher, prompt: str, seed: int, steps: int, shift: float
     from ..train.recipes.ode_init import teacher_trajectory
 
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((1, pipe.latent_shape[0], CLIP_LATENT_FRAMES, *pipe.latent_shape[1:]), generator=generator)
+    latent_frames = pipe.codec.num_latent_frames(CLIP_FRAMES)
+    noise = torch.randn((1, pipe.latent_shape[0], latent_frames, *pipe.latent_shape[1:]), generator=generator)
     grid = sorted({round(float(t), 6) for t in timestep_grid(shift, steps)} | {0.0}, reverse=True)
     if start is not None:
         grid = [float(start)] + [t for t in grid if t < start]
@@ -87,7 +88,7 @@ def reference_clips(pipe, prompt: str, seed: int) -> dict:
     from ..train.toy_data import clips_to_video
     from ..world import render_clip
 
-    frames, _ = render_clip(prompt, pipe.codec.num_frames(CLIP_LATENT_FRAMES), seed=seed, size=pipe.height)
+    frames, _ = render_clip(prompt, CLIP_FRAMES, seed=seed, size=pipe.height)
     video = clips_to_video([frames])
     with torch.no_grad():
         latents = pipe.codec.encode(video.to(pipe.codec_dtype))

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ..errors import TetherError
 from ..world.vocab import ATTRIBUTE_VALUES, BACKGROUNDS
-from .adherence import ATTRIBUTES, CLIP_LATENT_FRAMES
+from .adherence import ATTRIBUTES, CLIP_FRAMES
 
 # Clips come from this stream by default: the toy chain's dataset uses stream 0, so these were never trained on.
 HELD_OUT_STREAM = 1
@@ -159,7 +159,7 @@ def run(checkpoint=None, transformer_path=None, clips: int = 100, seed: int = HE
     started = time.perf_counter()
     scored = []
     for index in tqdm(range(clips), desc="binding", unit="clip", disable=not progress):
-        frames, prompt, truths = sample_clip(seed, index, pipe.codec.num_frames(CLIP_LATENT_FRAMES), pipe.height,
+        frames, prompt, truths = sample_clip(seed, index, CLIP_FRAMES, pipe.height,
                                              with_truth=True)
         with torch.inference_mode():
             latents = pipe.codec.encode(clips_to_video([frames]))[0].float()
