@@ -131,9 +131,7 @@ def builtin_vae(name: str, overrides: Mapping[str, Any] | None = None) -> Autoen
     """A built-in VAE config's seeded random weights, with `AutoencoderKLWan` arguments changed by `overrides`
     (e.g. ``{"z_dim": 32}`` or ``{"temperal_downsample": [False, True]}``):
     how a variant of the toy VAE is trained from scratch."""
-    if name not in BUILTIN_VAE_CONFIGS:
-        raise TetherError(f"unknown VAE config '{name}' (built-in: {', '.join(BUILTIN_VAE_CONFIGS)})")
-    config = {**BUILTIN_VAE_CONFIGS[name], **(overrides or {})}
+    config = {**_resolve_config(name), **(overrides or {})}
     # The strides follow from the layers (one halving per downsampling stage), so an override can't contradict them.
     config["scale_factor_spatial"] = 2 ** (len(config.get("dim_mult", [1, 2, 4, 4])) - 1)
     config["scale_factor_temporal"] = 2 ** sum(bool(d) for d in config.get("temperal_downsample", [False, True, True]))
