@@ -20,7 +20,12 @@ Loss, on pixels in [-1, 1]:
   summed over latent values and divided by pixel values, as LDM sums both).
   It is only there to keep the means' scale from drifting: the diffusion
   model sees posterior means renormalised per channel (see `export`), so a
-  larger weight would cost reconstruction and buy nothing.
+  larger weight would cost reconstruction and buy nothing;
+- optionally (`loss.adversarial: w`, off by default) a patch discriminator's
+  hinge loss, at w times VQGAN's adaptive weight: see
+  `tether/train/patch_discriminator.py`. `discriminator.start` delays the
+  VAE's side of it; `discriminator.channels` and `discriminator.optimizer`
+  shape the discriminator, which is checkpointed with the VAE but not exported.
 
 The decoder is trained on the posterior mean (`sample_posterior: false`):
 that is all the diffusion model will ever produce or see, and sampling from
@@ -58,6 +63,7 @@ import torch
 from ...errors import TetherError
 from ...vae import FRAME_SCALE_KEY, LatentCodec, builtin_vae, load_vae, std_by_latent_frame, use_onednn_convolutions
 from ..recipe import Recipe, register_recipe
+from ..patch_discriminator import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from ..toy_data import clips_to_video, sample_clip
 
 CLIP_FRAMES = 81  # batches are cut from clips this long (5 s at 16 fps), as the dataset's clips are
@@ -225,6 +231,16 @@ class VAE(Recipe):
         weights = cfg.get("loss", {})
         self.weights = {name: float(weights.get(name, default))
                         for name, default in (("l1", 1.0), ("mse", 1.0), ("edge", 0.5), ("kl", 1e-6))}
+        # `loss.adversarial`: a patch discriminator's term (tether/train/patch_discriminator.py), off by default.
+        self.adversarial = float(weights.get("adversarial", 0.0))
+        if self.adversarial:
+            settings = cfg.get("discriminator", {})
+            self.discriminator = self.trainer.add_model(
+                "discriminator", PatchDiscriminator(int(settings.get("channels", 32)), seed=int(cfg.get("seed", 0))).train())
+            self.trainer.add_optimizer_from_config("discriminator", self.discriminator,
+                                                   settings.get("optimizer", {"betas": [0.5, 0.9]}), default_lr=2e-4)
+            # the generator feels the discriminator only from this step on, once it tells real from fake at all
+            self.adversarial_start = int(settings.get("start", 0))
         # The diffusion model only ever sees posterior means, and a random init's posterior std (~1)
         # drowns the means (~0.1): sampling makes the first hundreds of steps learn nothing but the
         # mean frame. Off by default; the KL still bounds the means' scale.
@@ -259,7 +275,8 @@ class VAE(Recipe):
         batch, _, frames, height, width = video.shape
         return (batch, config.z_dim, 1 + (frames - 1) // _temporal_stride(self.vae), height // self.spatial_stride, width // self.spatial_stride)
 
-    def losses(self, video: torch.Tensor, noise: torch.Tensor) -> dict:
+    def losses(self, video: torch.Tensor, noise: torch.Tensor, step: int = 0) -> tuple:
+        """The generator's loss terms (and their weighted sum, "loss"), and the reconstruction."""
         with torch.set_grad_enabled(self.train_part == "all"):
             posterior = self.vae.encode(video).latent_dist
         latents = posterior.mean + posterior.std * noise if self.sample_posterior else posterior.mean
@@ -271,7 +288,20 @@ class VAE(Recipe):
             "kl": 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).sum() / video.numel(),
         }
         terms["loss"] = sum(self.weights[name] * value for name, value in terms.items())
-        return terms
+        if self.adversarial and step >= self.adversarial_start:
+            self.discriminator.requires_grad_(False)  # this term trains the VAE only
+            terms["adversarial"] = generator_loss(self.discriminator(recon))
+            self.discriminator.requires_grad_(True)
+            terms["adversarial_weight"] = adaptive_weight(terms["loss"], terms["adversarial"],
+                                                          self.vae.decoder.conv_out.weight) * self.adversarial
+            terms["loss"] = terms["loss"] + terms["adversarial_weight"] * terms["adversarial"]
+        return terms, recon
+
+    def discriminator_terms(self, video: torch.Tensor, recon: torch.Tensor) -> dict:
+        real, fake = self.discriminator(video), self.discriminator(recon.detach())
+        return {"discriminator": discriminator_loss(real, fake),
+                # how often it is right, per patch: near 0.5 it has nothing left to tell the generator
+                "discriminator_accuracy": ((real > 0).float().mean() + (fake < 0).float().mean()) / 2}
 
     def step(self, step: int) -> dict:
         trainer = self.trainer
@@ -281,12 +311,19 @@ class VAE(Recipe):
             g = trainer.shared_generator(step, "batch", micro)
             video = self.batch(g, size)
             noise = torch.randn(self.latent_shape(video), generator=g)  # the posterior sample's noise, global like the batch
+            video, noise = trainer.my_share(video), trainer.my_share(noise)
             with trainer.autocast():
-                terms = self.losses(trainer.my_share(video), trainer.my_share(noise))
+                terms, recon = self.losses(video, noise, step)
             trainer.backward(terms["loss"], self.vae, micro)
+            if self.adversarial:
+                with trainer.autocast():
+                    terms.update(self.discriminator_terms(video, recon))
+                trainer.backward(terms["discriminator"], self.discriminator, micro)
             for name, value in terms.items():
                 logged[name] = logged.get(name, 0.0) + value.item() / trainer.accumulation
         logged["grad_norm"] = trainer.optimizer_step("vae", step)
+        if self.adversarial:
+            logged["discriminator_grad_norm"] = trainer.optimizer_step("discriminator", step)
         if self.eval_every and (step + 1) % self.eval_every == 0:
             # The live weights (not the EMA): cheap enough to watch progress in log.jsonl.
             logged["psnr"] = evaluate_vae(LatentCodec(self.vae), self.eval_clips, num_frames=17, size=self.size)
