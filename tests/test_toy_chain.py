@@ -393,3 +393,44 @@ def test_vae_variant_needs_a_built_in_source_and_buildable_arguments(tmp_path):
                 tmp_path / "run", progress=False).run()
     with pytest.raises(TetherError, match="does not build"):
         builtin_vae("tiny", {"no_such_argument": 1})
+
+
+def test_vae_warm_up_encodes_and_decodes_as_diffusers_does_the_whole_clip():
+    from tether.train.recipes.vae import decode_without_clamp, encode_posterior, warm_up_frames
+
+    vae = load_vae("tiny").float()
+    frames, _ = sample_clip(0, 3, 13, 16)  # 4 latent frames
+    from tether.train.toy_data import clips_to_video
+
+    video = clips_to_video([frames])
+    with torch.no_grad():
+        whole = vae.encode(video).latent_dist.mean  # diffusers, the oracle
+        decoded = vae.decode(whole).sample
+        for warm in (0, 1, 2):
+            warm_means, posterior = encode_posterior(vae, video, warm)
+            assert torch.allclose(posterior.mean, whole[:, :, warm:], atol=1e-5)
+            assert (warm_means is None) == (warm == 0)
+            if warm:
+                assert torch.allclose(warm_means, whole[:, :, :warm], atol=1e-5)
+            tail = decode_without_clamp(vae, whole, warm=warm).clamp(-1, 1)
+            assert torch.allclose(tail, decoded[:, :, warm_up_frames(warm):], atol=1e-5)
+
+
+def test_vae_warm_up_trains_only_the_frames_after_it(tmp_path):
+    from tether.train.recipes.vae import warm_up_frames
+
+    trainer = Trainer(load_config("vae", overrides=TINY_VAE + ["data.warmup=2"]), tmp_path / "run", progress=False)
+    recipe = trainer.recipe
+    recipe.setup()
+    for warm in (0, 1, 2):
+        video = recipe.batch(torch.Generator().manual_seed(warm), 1, warm)
+        # data.frames=2: a first frame and one chunk cold, two chunks after a warm-up
+        assert video.shape[2] == warm_up_frames(warm) + (5 if warm == 0 else 8)
+        terms, recon = recipe.losses(video, torch.zeros(recipe.latent_shape(video, warm)), warm=warm)
+        assert recon.shape == video[:, :, warm_up_frames(warm):].shape
+        recipe.vae.zero_grad()
+        terms["loss"].backward()
+        assert recipe.vae.decoder.conv_out.weight.grad is not None
+    assert all(torch.isfinite(torch.tensor(v)) for v in trainer.run().values())
+    report = trainer.recipe.export(tmp_path / "vae")
+    assert report["late_frames"] == "81-160 of 161" and report["psnr_db_late_frames"] > 0
