@@ -348,11 +348,9 @@ class VAE(Recipe):
         with torch.set_grad_enabled(self.train_part == "all"):
             warm_means, posterior = encode_posterior(self.vae, video, warm)
         latents = posterior.mean + posterior.std * noise if self.sample_posterior else posterior.mean
-        if warm:
-            recon = decode_without_clamp(self.vae, torch.cat([warm_means, latents], 2), warm=warm_means.shape[2])
-            video = video[:, :, warm_up_frames(warm):]
-        else:
-            recon = decode_without_clamp(self.vae, latents)
+        context = latents if warm_means is None else torch.cat([warm_means, latents], 2)
+        recon = decode_without_clamp(self.vae, context, warm=context.shape[2] - latents.shape[2])
+        video = video[:, :, warm_up_frames(warm):]
         terms = {
             "l1": (recon - video).abs().mean(),
             "mse": (recon - video).pow(2).mean(),
