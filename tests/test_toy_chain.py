@@ -294,6 +294,21 @@ def test_teacher_phases_chain_runs_each_from_the_last_export_and_resume_skips_do
     assert chain.recipe_overrides["teacher"] == ["shift=1.0", "model.source=toy-s4"]
 
 
+def test_teacher_phases_resume_from_the_latest_export_alone(tmp_path, monkeypatch):
+    from tether.train.toy import ToyChain
+
+    phases = "teacher.phases=[[steps=25], [steps=15], [steps=15]]"
+    chain = ToyChain(tmp_path, progress=False, overrides=[phases])
+    calls = []
+    monkeypatch.setattr(chain, "_train", lambda recipe, extra=(), run_name=None, last=(): calls.append((run_name, list(last)))
+                        or ({"loss": 0.5}, {}))
+    second = tmp_path / "teacher-phase2" / "export" / "transformer.safetensors"
+    second.parent.mkdir(parents=True)
+    second.write_bytes(b"")  # carried over without phase 1's export
+    chain.stage_teacher()
+    assert calls == [("teacher", ["steps=15", f"model.source={second}"])]
+
+
 def test_teacher_phases_must_be_override_lists(tmp_path):
     from tether.errors import TetherError
     from tether.train.toy import ToyChain

@@ -248,15 +248,18 @@ class ToyChain:
         return "teacher" if index == len(self.teacher_phases) - 1 else f"teacher-phase{index + 1}"
 
     def stage_teacher(self) -> str:
-        last, source = {}, None
-        for index, phase in enumerate(self.teacher_phases):
-            name = self.teacher_phase_name(index)
-            export = self.out / name / "export" / "transformer.safetensors"
-            if not export.exists():
-                # A later phase continues from the earlier one's weights, whatever model.source the user set.
-                chained = [f"model.source={source}"] if source else []
-                last, _ = self._train("teacher", self._data_overrides(), run_name=name, last=phase + chained)
-            source = export
+        exports = [self.out / self.teacher_phase_name(i) / "export" / "transformer.safetensors"
+                   for i in range(len(self.teacher_phases))]
+        # A phase's export means every phase before it is done, so a chain resumed from a later phase's
+        # export alone (e.g. one carried to a fresh machine) does not train the earlier ones again.
+        done = max((i for i, export in enumerate(exports) if export.exists()), default=-1)
+        last, source = {}, exports[done] if done >= 0 else None
+        for index in range(done + 1, len(self.teacher_phases)):
+            # A later phase continues from the earlier one's weights, whatever model.source the user set.
+            chained = [f"model.source={source}"] if source else []
+            last, _ = self._train("teacher", self._data_overrides(), run_name=self.teacher_phase_name(index),
+                                  last=self.teacher_phases[index] + chained)
+            source = exports[index]
         loss = f"final loss {last.get('loss', float('nan')):.4g}" if last else ""
         phases = f"{len(self.teacher_phases)} phases" if len(self.teacher_phases) > 1 else ""
         return ", ".join(filter(None, (phases, loss)))
