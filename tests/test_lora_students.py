@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tether.checkpoints import load_transformer, save_transformer
+from tether.checkpoints import BASE_FINGERPRINT_KEY, load_transformer, save_transformer, weights_fingerprint
 from tether.errors import TetherError
 from tether.pipeline import BUILTIN, load_pipeline
 from tether.train import Trainer
@@ -99,12 +99,43 @@ def test_an_adapter_bundle_loads_over_its_base_bundle(tmp_path):
         load_pipeline(str(bundle))
 
 
+def test_weights_fingerprint_follows_the_weights_not_the_file(tmp_path, tiny_base):
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(tiny_base.read_bytes())
+    assert weights_fingerprint(copy) == weights_fingerprint(tiny_base)
+    changed = bytearray(tiny_base.read_bytes())
+    changed[-3] ^= 1  # one bit of the last tensor
+    copy.write_bytes(bytes(changed))
+    assert weights_fingerprint(copy) != weights_fingerprint(tiny_base)
+
+
+def test_an_adapter_over_other_base_weights_is_refused(tmp_path, tiny_base):
+    model = add_lora(load_transformer(str(tiny_base), dtype=torch.float32), {"rank": 2, "alpha": 2})
+    adapter = tmp_path / "adapter"
+    save_adapter(model.state_dict(), {"rank": 2, "alpha": 2}, adapter, dtype=torch.float32)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, BASE_FINGERPRINT_KEY: weights_fingerprint(tiny_base)}))
+    load_transformer(str(tiny_base), lora=str(adapter))  # the base it was made over
+    other = tmp_path / "other.safetensors"
+    save_transformer(load_transformer("tiny"), other)
+    torch.manual_seed(1)
+    retrained = load_transformer(str(other))
+    with torch.no_grad():
+        for param in retrained.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    save_transformer(retrained, other)
+    with pytest.raises(TetherError, match="made over other base weights"):
+        load_transformer(str(other), lora=str(adapter))
+
+
 @pytest.mark.parametrize("name, policy", [("context-forcing", "slow-fast"), ("grounded-forcing", "dual")])
 def test_shipped_students_are_adapters_over_the_default(name, policy):
     from tether.pipeline import WEIGHTS
 
     meta = json.loads((WEIGHTS / name / "pipeline.json").read_text())
     assert meta["base"] == "../default"
+    adapter_config = json.loads((WEIGHTS / name / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config[BASE_FINGERPRINT_KEY] == weights_fingerprint(WEIGHTS / "default" / "transformer.safetensors")
     student, default = load_pipeline(name), load_pipeline()
     assert student.policy == policy and default.policy == "window"
     # An adapter samples as its base does: the same shift, the same teacher grid.

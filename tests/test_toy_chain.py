@@ -449,3 +449,23 @@ def test_vae_warm_up_trains_only_the_frames_after_it(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in trainer.run().values())
     report = trainer.recipe.export(tmp_path / "vae")
     assert report["late_frames"] == "81-160 of 161" and report["psnr_db_late_frames"] > 0
+
+
+def test_student_bundles_name_the_base_their_adapters_were_made_over(tmp_path):
+    from tether.checkpoints import BASE_FINGERPRINT_KEY, weights_fingerprint
+    from tether.train.toy import STUDENTS, ToyChain
+
+    chain = ToyChain(tmp_path, progress=False)
+    chain.bundle_folder.mkdir()
+    (chain.bundle_folder / "transformer.safetensors").write_bytes(b"the default student")
+    (chain.bundle_folder / "pipeline.json").write_text(json.dumps({"height": 64, "width": 64, "fps": 16}))
+    for recipe in STUDENTS.values():
+        adapter = chain.transformer_of(recipe).parent / "adapter"
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_model.safetensors").write_bytes(b"factors")
+        (adapter / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 4.0}))
+    chain.stage_export_students()
+    for name in STUDENTS:
+        config = json.loads((chain.student_bundle_folder(name) / "adapter" / "adapter_config.json").read_text())
+        assert config == {"r": 4, "lora_alpha": 4.0,
+                          BASE_FINGERPRINT_KEY: weights_fingerprint(chain.bundle_folder / "transformer.safetensors")}

@@ -59,6 +59,8 @@ WAN_SHARD_PATTERN = "diffusion_pytorch_model-*-of-*.safetensors"
 LONGLIVE_BASE = "longlive_base.pt"
 LONGLIVE_LORA = "lora.pt"
 TETHER_METADATA_KEY = "tether_config"
+# adapter_config.json: the fingerprint of the base weights an adapter was made over (see weights_fingerprint)
+BASE_FINGERPRINT_KEY = "tether_base_fingerprint"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 # Wan's attention heads are 128 wide at every released size, which is what lets a
@@ -143,6 +145,12 @@ def load_transformer(source, dtype=None, device=None, ema=False, lora=None, lora
     checkpoint = _READERS[fmt](path, ema)
     if lora is not None:
         checkpoint.lora = _read_lora(Path(lora))
+        made_over = checkpoint.lora.base_fingerprint
+        if made_over and made_over != weights_fingerprint(path):
+            # Its deltas would merge cleanly into any base of the right shape, and silently make noise.
+            raise TetherError(f"{checkpoint.lora.label} was made over other base weights than {path} "
+                              f"(fingerprint {weights_fingerprint(path)[:12]}, the adapter's {made_over[:12]}): "
+                              f"load it over the base it was trained on, or retrain it")
     if checkpoint.lora is not None:
         _merge_lora(checkpoint, lora_alpha)
     elif lora_alpha is not None:
@@ -194,6 +202,7 @@ class Lora:
     label: str
     alpha: float = None  # from an adapter_config.json; None when the file does not say
     rslora: bool = False  # PEFT's rank-stabilised scaling alpha / sqrt(r)
+    base_fingerprint: str = None  # adapter_config.json's BASE_FINGERPRINT_KEY, when tether wrote it
 
 
 @dataclass
@@ -684,11 +693,12 @@ def _read_lora(path: Path) -> Lora:
     label = f"LoRA {path}"
     if not path.exists():
         raise TetherError(f"LoRA not found: {path}")
-    alpha, rslora = None, False
+    alpha, rslora, base = None, False, None
     if path.is_dir():
         # A PEFT adapter folder (save_pretrained): its config records alpha.
         adapter_config = _read_json(path / "adapter_config.json") if (path / "adapter_config.json").exists() else {}
         alpha, rslora = adapter_config.get("lora_alpha"), bool(adapter_config.get("use_rslora", False))
+        base = adapter_config.get(BASE_FINGERPRINT_KEY)
         if (path / "adapter_model.safetensors").exists():
             tensors = _read_safetensors(path / "adapter_model.safetensors")
         elif (path / "adapter_model.bin").exists():
@@ -699,7 +709,26 @@ def _read_lora(path: Path) -> Lora:
         tensors = _read_safetensors(path)
     else:
         tensors = _lora_tensors(_torch_load(path), path)
-    return Lora(_pair_factors(tensors, label), label, alpha, rslora)
+    return Lora(_pair_factors(tensors, label), label, alpha, rslora, base)
+
+
+def weights_fingerprint(path) -> str:
+    """A cheap identity of a weights file (or a folder's safetensors files): sha256 of each file's size and
+    its first and last 4 MiB. Training changes every tensor, so two different trainings of one
+    architecture differ in both ends, while a 1.3B base is fingerprinted without reading 2.8 GB."""
+    import hashlib
+
+    path = Path(path)
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}:{size}".encode())  # not a lone file's name
+        with open(file, "rb") as handle:
+            digest.update(handle.read(4 << 20))
+            handle.seek(max(0, size - (4 << 20)))
+            digest.update(handle.read())
+    return digest.hexdigest()
 
 
 def _lora_tensors(contents, path: Path) -> dict:
