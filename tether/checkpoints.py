@@ -146,10 +146,10 @@ def load_transformer(source, dtype=None, device=None, ema=False, lora=None, lora
     if lora is not None:
         checkpoint.lora = _read_lora(Path(lora))
         made_over = checkpoint.lora.base_fingerprint
-        if made_over and made_over != weights_fingerprint(path):
+        if made_over and made_over != (found := weights_fingerprint(path)):
             # Its deltas would merge cleanly into any base of the right shape, and silently make noise.
             raise TetherError(f"{checkpoint.lora.label} was made over other base weights than {path} "
-                              f"(fingerprint {weights_fingerprint(path)[:12]}, the adapter's {made_over[:12]}): "
+                              f"(fingerprint {found[:12]}, the adapter's {made_over[:12]}): "
                               f"load it over the base it was trained on, or retrain it")
     if checkpoint.lora is not None:
         _merge_lora(checkpoint, lora_alpha)
@@ -719,11 +719,12 @@ def weights_fingerprint(path) -> str:
     import hashlib
 
     path = Path(path)
-    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    folder = path.is_dir()
+    files = sorted(path.rglob("*.safetensors")) if folder else [path]
     digest = hashlib.sha256()
     for file in files:
         size = file.stat().st_size
-        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}:{size}".encode())  # not a lone file's name
+        digest.update(f"{file.relative_to(path) if folder else ''}:{size}".encode())  # not a lone file's name
         with open(file, "rb") as handle:
             digest.update(handle.read(4 << 20))
             handle.seek(max(0, size - (4 << 20)))

@@ -357,6 +357,8 @@ class ToyChain:
     def stage_export_students(self) -> str:
         from ..checkpoints import BASE_FINGERPRINT_KEY, weights_fingerprint
 
+        # Each adapter names the base it was made over, so loading it over another student is an error.
+        base_fingerprint = weights_fingerprint(self.bundle_folder / "transformer.safetensors")
         written = []
         for name, recipe in STUDENTS.items():
             adapter = self.transformer_of(recipe).parent / "adapter"
@@ -366,10 +368,9 @@ class ToyChain:
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(adapter, tmp / "adapter")
-            # The adapter names the base it was made over, so loading it over another student is an error.
             config_path = tmp / "adapter" / "adapter_config.json"
             adapter_config = json.loads(config_path.read_text())
-            adapter_config[BASE_FINGERPRINT_KEY] = weights_fingerprint(self.bundle_folder / "transformer.safetensors")
+            adapter_config[BASE_FINGERPRINT_KEY] = base_fingerprint
             config_path.write_text(json.dumps(adapter_config, indent=1) + "\n")
             base = json.loads((self.bundle_folder / "pipeline.json").read_text())
             meta = {"base": os.path.relpath(self.bundle_folder, folder), "lora": "adapter", "policy": STUDENT_POLICIES[name],
