@@ -122,7 +122,7 @@ def _tether(*argv) -> int:
 
 def test_toy_chain_cli_runs_until_text(tmp_path, capsys):
     out = tmp_path / "toy"
-    overrides = ["vae.shipped=false"] + [f"vae.{item}" for item in TINY_VAE]
+    overrides = ["vae.shipped=false", "vae.phases=[[]]"] + [f"vae.{item}" for item in TINY_VAE]
     assert _tether("train", "toy", *overrides, "--out", str(out), "--until", "text", "--quiet", "--device", "cpu") == 0
     times = json.loads((out / "chain.json").read_text())
     assert set(times) == {"vae", "text"} and all(t["seconds"] >= 0 for t in times.values())
@@ -132,6 +132,31 @@ def test_toy_chain_cli_runs_until_text(tmp_path, capsys):
     capsys.readouterr()
     assert _tether("train", "toy", *overrides, "--out", str(out), "--until", "text", "--quiet") == 0
     assert capsys.readouterr().out.count("skipped") == 2
+
+
+def test_only_runs_one_stage_and_keeps_the_times_other_processes_wrote(tmp_path, monkeypatch):
+    from tether.train.toy import ToyChain
+
+    chain = ToyChain(tmp_path, progress=False)
+    ran = []
+
+    def fake_stage(name):
+        def stage():
+            ran.append(name)
+            # Another process (say, the Context Forcing chain) finishes its stage meanwhile.
+            (tmp_path / "chain.json").write_text(json.dumps({"context-forcing": {"seconds": 7.0, "note": ""}}))
+            return "done"
+        return stage
+
+    for stage in ("vae", "text", "grounded-forcing"):
+        monkeypatch.setattr(chain, "stage_" + stage.replace("-", "_"), fake_stage(stage))
+    times = chain.run(only="grounded-forcing")
+    assert ran == ["grounded-forcing"]
+    assert set(times) == {"context-forcing", "grounded-forcing"} and times["context-forcing"]["seconds"] == 7.0
+    from tether.errors import TetherError
+
+    with pytest.raises(TetherError, match="unknown stage 'gf'"):
+        chain.run(only="gf")
 
 
 def test_student_stage_starts_the_causal_student_from_the_teacher(tmp_path, monkeypatch):
@@ -309,6 +334,30 @@ def test_teacher_phases_resume_from_the_latest_export_alone(tmp_path, monkeypatc
     assert calls == [("teacher", ["steps=15", f"model.source={second}"])]
 
 
+def test_vae_phases_continue_from_the_previous_phase_folder(tmp_path, monkeypatch):
+    from tether.train.toy import VAE_WEIGHTS, ToyChain
+
+    chain = ToyChain(tmp_path, progress=False, overrides=["vae.shipped=false"])
+    calls = []
+
+    def fake_train(recipe, extra=(), run_name=None, last=()):
+        calls.append((run_name, list(last)))
+        (tmp_path / run_name / "export").mkdir(parents=True)
+        (tmp_path / run_name / "export" / VAE_WEIGHTS).write_bytes(b"")
+        return {}, {"psnr_db": 24.5}
+
+    monkeypatch.setattr(chain, "_train", fake_train)
+    (tmp_path / "vae-phase1" / "export").mkdir(parents=True)  # phase 1 was killed before its export finished
+    (tmp_path / "vae-phase2" / "export").mkdir(parents=True)
+    (tmp_path / "vae-phase2" / "export" / VAE_WEIGHTS).write_bytes(b"")
+    note = chain.stage_vae()
+    second, third = (tmp_path / f"vae-phase{i}" / "export" for i in (2, 3))
+    assert calls == [("vae-phase3", ["steps=1000", f"model.source={second}"]),
+                     ("vae", ["steps=0", "export.frame_scale=true", f"model.source={third}"])]
+    assert chain.done("vae") and note == "4 phases, held-out PSNR 24.50 dB"
+    assert chain.config_of("vae", last=chain.phases["vae"][0])["steps"] == 1800
+
+
 def test_teacher_phases_must_be_override_lists(tmp_path):
     from tether.errors import TetherError
     from tether.train.toy import ToyChain
@@ -316,14 +365,17 @@ def test_teacher_phases_must_be_override_lists(tmp_path):
     for bad in ("teacher.phases=[]", "teacher.phases=[steps=3]", "teacher.phases=[[3]]"):
         with pytest.raises(TetherError, match="list of override lists"):
             ToyChain(tmp_path, overrides=[bad])
-    assert ToyChain(tmp_path, overrides=["teacher.phases=[[]]"]).teacher_phase_name(0) == "teacher"  # a single run
+    assert ToyChain(tmp_path, overrides=["teacher.phases=[[]]"]).phase_name("teacher", 0) == "teacher"  # a single run
+    with pytest.raises(TetherError, match="vae.phases is a list"):
+        ToyChain(tmp_path, overrides=["vae.phases=[]"])
 
 
 def test_chain_defaults_are_the_built_in_models_recipe_and_the_users_overrides_win(tmp_path):
     from tether.train.toy import ToyChain
 
     chain = ToyChain(tmp_path)
-    assert len(chain.teacher_phases) == 3 and chain.teacher_phase_name(0) == "teacher-phase1"
+    assert len(chain.phases["teacher"]) == 3 and chain.phase_name("teacher", 0) == "teacher-phase1"
+    assert chain.phases["vae"][-1] == ["steps=0", "export.frame_scale=true"] and chain.phase_name("vae", 3) == "vae"
     teacher = chain.config_of("teacher", chain._data_overrides())
     assert teacher["model"]["source"] == "toy-s4" and teacher["shift"] == 1.0
     assert teacher["data"]["path"] == str(tmp_path / "dataset")
@@ -332,7 +384,7 @@ def test_chain_defaults_are_the_built_in_models_recipe_and_the_users_overrides_w
     assert ode["ode"]["steps"] == 48 and ode["ode"]["shift"] == 3.0 and ode["shift"] == 1.0
     assert chain.config_of("vae")["model"]["source"] == "toy-s4"
     mine = ToyChain(tmp_path, overrides=["teacher.model.source=toy", "teacher.shift=5.0", "teacher.phases=[[steps=7]]"])
-    teacher = mine.config_of("teacher", last=mine.teacher_phases[0])
+    teacher = mine.config_of("teacher", last=mine.phases["teacher"][0])
     assert teacher["model"]["source"] == "toy" and teacher["shift"] == 5.0 and teacher["steps"] == 7
 
 

@@ -292,6 +292,8 @@ def build_parser():
     t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     t.add_argument("--quiet", action="store_true")
     t.add_argument("--until", help="toy chain only (`tether train toy`): stop after this stage")
+    t.add_argument("--only", help="toy chain only: run just this stage (e.g. grounded-forcing beside "
+                                  "context-forcing in another process); the stages it reads must be done")
     t.add_argument("--estimate-memory", action="store_true",
                    help="print the computed per-GPU memory of this run (bf16, FSDP2 over --nproc GPUs) and exit")
     t.add_argument("--nproc", type=int, help="with --estimate-memory: GPUs (default: $WORLD_SIZE or 1); "

@@ -16,20 +16,24 @@ The Context/Grounded Forcing students train LoRA adapters on the exported
 default student (their toy configs set `lora:`), so each ships in a few MB
 beside the default instead of another full transformer.
 
-The teacher may train in phases (`teacher.phases`, a YAML list of override
-lists): each phase is an ordinary `teacher` run that starts from the previous
-phase's export, in out/teacher-phase1, -phase2, ...; the last is out/teacher.
+The VAE and the teacher train in phases (`vae.phases`, `teacher.phases`: a
+YAML list of override lists): each phase is an ordinary run of the recipe that
+starts from the previous phase's export, in out/teacher-phase1, -phase2, ...;
+the last is out/teacher (out/vae for the VAE).
 
 The chain's defaults are the recipe of the shipped built-in model (BUILT_IN
 below): the stride-4 VAE and `toy-s4` transformer, shift 1 in every recipe,
-the teacher's three-phase crop curriculum, and ode-init on the teacher's
-48-step shift-3 trajectories. Overrides are applied after them, so
+the VAE's four phases (the last measures the per-frame latent scale), the
+teacher's three-phase crop curriculum, and ode-init on the teacher's 48-step
+shift-3 trajectories. Overrides are applied after them, so
 `teacher.phases=[[]]` is a single teacher run and `teacher.model.source=toy`
 the stride-8 transformer.
 
 A stage whose output exists is skipped, so re-running the command continues
 the chain; a stage interrupted mid-training continues from its checkpoint with
---resume. `--until STAGE` stops after STAGE. Wall times go to chain.json.
+--resume. `--until STAGE` stops after STAGE; `--only STAGE` runs that stage
+alone (the Context and Grounded Forcing stages can run side by side in two
+processes). Wall times go to chain.json.
 
 Overrides are `STAGE.key=value`: recipe stages pass `key=value` to that
 recipe's toy config (`teacher.steps=500`, `ode-init.batch_size=2`); `text.*`
@@ -47,6 +51,7 @@ from ..errors import TetherError
 from ..schedule import DEFAULT_SHIFT
 
 SHIPPED_VAE = Path(__file__).resolve().parent.parent / "weights" / "default" / "vae"
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers writes it after config.json: the export's last file
 STAGES = ("vae", "text", "dataset", "teacher", "student", "export",
           "long-dataset", "context-forcing", "grounded-forcing", "export-students")
 RECIPE_STAGES = ("vae", "teacher", "ode-init", "self-forcing", "cf-teacher", "cf-stage1", "cf-stage2", "gf-stage1", "gf-stage2")
@@ -67,18 +72,24 @@ DEFAULTS = {
 # near 1, not Wan's 5. ode-init distils the teacher's 48-step shift-3 trajectories, the grid on which the
 # teacher itself follows colour best (bench/results/teacher_sampler/).
 BUILT_IN = {
-    "vae": ["model.source=toy-s4", "data.height=16", "data.width=16", "data.crop=6", "steps=1800"],
+    "vae": ["model.source=toy-s4", "data.height=16", "data.width=16", "data.crop=6"],
     "teacher": ["model.source=toy-s4", "shift=1.0"],
     "ode-init": ["shift=1.0", "ode.steps=48", "ode.shift=3.0"],
     **{recipe: ["shift=1.0"] for recipe in ("self-forcing", "cf-teacher", "cf-stage1", "cf-stage2", "gf-stage1", "gf-stage2")},
 }
-# The teacher's crop curriculum: whole clips, then 3-latent-frame crops with object-weighted loss at a
-# larger batch, then whole clips again with that weighting.
-BUILT_IN_TEACHER_PHASES = [
-    ["steps=2500"],
-    ["data.frames=3", "batch_size=28", "optimizer.lr=4.0e-4", "loss.object_weight=4.0", "steps=1500"],
-    ["loss.object_weight=4.0", "steps=1500"],
-]
+# Each phase continues the previous phase's export with a fresh optimiser.
+BUILT_IN_PHASES = {
+    # The VAE was still gaining ~0.5 dB per 1,000 steps at 5,800; the last phase trains nothing and
+    # gives each latent frame index its own scale (the causal encoder's first frames are weak).
+    "vae": [["steps=1800"], ["steps=4000"], ["steps=1000"], ["steps=0", "export.frame_scale=true"]],
+    # The teacher's crop curriculum: whole clips, then 3-latent-frame crops with object-weighted loss at
+    # a larger batch, then whole clips again with that weighting.
+    "teacher": [
+        ["steps=2500"],
+        ["data.frames=3", "batch_size=28", "optimizer.lr=4.0e-4", "loss.object_weight=4.0", "steps=1500"],
+        ["loss.object_weight=4.0", "steps=1500"],
+    ],
+}
 
 
 class ToyChain:
@@ -89,7 +100,7 @@ class ToyChain:
         self.device = device
         self.settings = {stage: dict(values) for stage, values in DEFAULTS.items()}
         self.recipe_overrides = {stage: [] for stage in RECIPE_STAGES}
-        self.teacher_phases = [list(phase) for phase in BUILT_IN_TEACHER_PHASES]
+        self.phases = {recipe: [list(phase) for phase in phases] for recipe, phases in BUILT_IN_PHASES.items()}
         self._read_overrides(overrides)
         self.times_path = self.out / "chain.json"
 
@@ -103,8 +114,8 @@ class ToyChain:
             key, raw = rest.split("=", 1)
             if stage == "vae" and key == "shipped":
                 self.settings["vae"]["shipped"] = bool(yaml.safe_load(raw))
-            elif stage == "teacher" and key == "phases":
-                self.teacher_phases = _read_phases(item, yaml.safe_load(raw))
+            elif stage in BUILT_IN_PHASES and key == "phases":
+                self.phases[stage] = _read_phases(item, yaml.safe_load(raw))
             elif stage in RECIPE_STAGES:
                 self.recipe_overrides[stage].append(rest)
             elif stage in ("text", "dataset", "long-dataset"):
@@ -143,7 +154,7 @@ class ToyChain:
 
     def done(self, stage: str) -> bool:
         outputs = {
-            "vae": self.vae_folder / "config.json",
+            "vae": self.vae_folder / VAE_WEIGHTS,
             "text": self.text_folder / "tokenizer.json",  # written last by save_toy_text_encoder
             "dataset": self.dataset_folder / "latents.pt",
             "teacher": self.transformer_of("teacher"),
@@ -157,13 +168,15 @@ class ToyChain:
         return outputs[stage].exists()
 
     # ---- running ------------------------------------------------------------------------
-    def run(self, until: str | None = None) -> dict:
-        if until is not None and until not in STAGES:
-            raise TetherError(f"unknown stage '{until}' (stages: {', '.join(STAGES)})")
+    def run(self, until: str | None = None, only: str | None = None) -> dict:
+        for name in (until, only):
+            if name is not None and name not in STAGES:
+                raise TetherError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
         last = STAGES.index(until) if until else len(STAGES) - 1
         self.out.mkdir(parents=True, exist_ok=True)
-        times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
         for number, stage in enumerate(STAGES[:last + 1], 1):
+            if only is not None and stage != only:
+                continue
             header = f"[{number}/{len(STAGES)}] {stage}"
             if self.done(stage):
                 print(f"{header}: done already, skipped", flush=True)
@@ -172,12 +185,16 @@ class ToyChain:
             began = time.perf_counter()
             note = getattr(self, "stage_" + stage.replace("-", "_"))()
             seconds = time.perf_counter() - began
+            # Re-read: a stage run with --only in another process may have written its time meanwhile.
+            times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
             # A resumed stage adds up the wall time of all its runs.
             previous = times.get(stage, {}).get("seconds", 0.0)
             times[stage] = {"seconds": round(previous + seconds, 1), "note": note}
-            self.times_path.write_text(json.dumps(times, indent=1) + "\n")
+            tmp = self.times_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(times, indent=1) + "\n")
+            tmp.replace(self.times_path)
             print(f"{header}: finished in {seconds:.0f} s{' (' + note + ')' if note else ''}", flush=True)
-        return times
+        return json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
 
     def config_of(self, recipe: str, extra=(), last=()) -> dict:
         """The recipe's config with, in order, the built-in recipe's overrides, `extra`, the user's
@@ -209,8 +226,8 @@ class ToyChain:
         if self.settings["vae"]["shipped"] and (SHIPPED_VAE / "config.json").exists():
             shutil.copytree(SHIPPED_VAE, self.vae_folder, dirs_exist_ok=True)
             return f"copied the shipped VAE {SHIPPED_VAE} (vae.shipped=false trains one)"
-        _, report = self._train("vae")
-        return f"held-out PSNR {report['psnr_db']:.2f} dB"
+        _, report = self._train_phases("vae", [], VAE_WEIGHTS, whole_folder=True)
+        return f"{self._phase_count('vae')}held-out PSNR {report['psnr_db']:.2f} dB"
 
     def stage_text(self) -> str:
         from ..text import make_toy_text_encoder, save_toy_text_encoder
@@ -244,25 +261,33 @@ class ToyChain:
     def _data_overrides(self):
         return ["data.kind=latents", f"data.path={self.dataset_folder}"]
 
-    def teacher_phase_name(self, index: int) -> str:
-        return "teacher" if index == len(self.teacher_phases) - 1 else f"teacher-phase{index + 1}"
+    def phase_name(self, recipe: str, index: int) -> str:
+        return recipe if index == len(self.phases[recipe]) - 1 else f"{recipe}-phase{index + 1}"
 
-    def stage_teacher(self) -> str:
-        exports = [self.out / self.teacher_phase_name(i) / "export" / "transformer.safetensors"
-                   for i in range(len(self.teacher_phases))]
+    def _phase_count(self, recipe: str) -> str:
+        return f"{len(self.phases[recipe])} phases, " if len(self.phases[recipe]) > 1 else ""
+
+    def _train_phases(self, recipe: str, extra: list, weights: str, whole_folder: bool = False) -> tuple:
+        """Run `recipe`'s phases not yet exported, each from the previous one's export: its `weights`
+        file, or the whole export folder (a VAE's) with `whole_folder`."""
+        exports = [self.out / self.phase_name(recipe, i) / "export" for i in range(len(self.phases[recipe]))]
+        finished = [export / weights for export in exports]
+        sources = exports if whole_folder else finished
         # A phase's export means every phase before it is done, so a chain resumed from a later phase's
         # export alone (e.g. one carried to a fresh machine) does not train the earlier ones again.
-        done = max((i for i, export in enumerate(exports) if export.exists()), default=-1)
-        last, source = {}, exports[done] if done >= 0 else None
-        for index in range(done + 1, len(self.teacher_phases)):
+        done = max((i for i, marker in enumerate(finished) if marker.exists()), default=-1)
+        last, report = {}, {}
+        for index in range(done + 1, len(self.phases[recipe])):
             # A later phase continues from the earlier one's weights, whatever model.source the user set.
-            chained = [f"model.source={source}"] if source else []
-            last, _ = self._train("teacher", self._data_overrides(), run_name=self.teacher_phase_name(index),
-                                  last=self.teacher_phases[index] + chained)
-            source = exports[index]
+            chained = [f"model.source={sources[index - 1]}"] if index > 0 else []
+            last, report = self._train(recipe, extra, run_name=self.phase_name(recipe, index),
+                                       last=self.phases[recipe][index] + chained)
+        return last, report
+
+    def stage_teacher(self) -> str:
+        last, _ = self._train_phases("teacher", self._data_overrides(), "transformer.safetensors")
         loss = f"final loss {last.get('loss', float('nan')):.4g}" if last else ""
-        phases = f"{len(self.teacher_phases)} phases" if len(self.teacher_phases) > 1 else ""
-        return ", ".join(filter(None, (phases, loss)))
+        return (self._phase_count("teacher") + loss).strip(", ")
 
     def stage_student(self) -> str:
         from .recipe import RECIPES
@@ -384,11 +409,12 @@ class ToyChain:
 
 
 def _read_phases(item: str, phases) -> list:
-    """`teacher.phases`: a non-empty list of lists of key=value overrides."""
+    """`vae.phases`, `teacher.phases`: a non-empty list of lists of key=value overrides."""
     if not isinstance(phases, list) or not phases or not all(
             isinstance(phase, list) and all(isinstance(o, str) and "=" in o for o in phase) for phase in phases):
-        raise TetherError(f"toy chain override '{item}': teacher.phases is a list of override lists, "
-                          "e.g. teacher.phases=[[steps=2500], [data.frames=3, steps=1500]]")
+        stage = item.partition(".")[0]
+        raise TetherError(f"toy chain override '{item}': {stage}.phases is a list of override lists, "
+                          f"e.g. {stage}.phases=[[steps=2500], [data.frames=3, steps=1500]]")
     return phases
 
 
@@ -396,7 +422,7 @@ def run_toy_chain(args) -> int:
     """`tether train toy` (called from the CLI's train command)."""
     chain = ToyChain(args.out or "runs/toy", resume=args.resume, overrides=args.overrides,
                      progress=not args.quiet, device=getattr(args, "device", None))
-    times = chain.run(until=getattr(args, "until", None))
+    times = chain.run(until=getattr(args, "until", None), only=getattr(args, "only", None))
     total = sum(t["seconds"] for t in times.values())
     stages = ", ".join(f"{name} {entry['seconds']:.0f} s" for name, entry in times.items())
     print(f"toy chain in {chain.out}: {stages} (total {total:.0f} s)")
