@@ -5,9 +5,9 @@ import json
 
 import torch
 
-from tether.bench.binding import candidate_prompts, object_masks, score_clip, summarise
+from tether.bench.binding import object_masks, score_clip, summarise
 from tether.train.toy_data import object_mask, sample_clip
-from tether.world.prompts import parse
+from tether.world.prompts import one_word_variants, parse
 from tether.world.vocab import BACKGROUNDS, COLOUR_NAMES, SHAPES
 
 from test_cli import tether
@@ -16,7 +16,7 @@ from test_cli import tether
 def test_each_variant_changes_one_word_of_one_object():
     prompt = "a red striped circle bounces and a large blue square rests on grass"
     scene = parse(prompt)
-    tests = candidate_prompts(prompt)
+    tests = one_word_variants(prompt)
     assert set(tests) == {("background", None), ("colour", 0), ("pattern", 0), ("shape", 0),
                           ("size", 1), ("colour", 1), ("shape", 1)}
     truth, variants = tests[("colour", 1)]

@@ -27,40 +27,13 @@ import torch
 from tqdm import tqdm
 
 from ..errors import TetherError
+from ..world.prompts import one_word_variants
 from ..world.vocab import ATTRIBUTE_VALUES, BACKGROUNDS
 from .adherence import ATTRIBUTES, CLIP_FRAMES
 
 # Clips come from this stream by default: the toy chain's dataset uses stream 0, so these were never trained on.
 HELD_OUT_STREAM = 1
 DEFAULT_TIMESTEPS = (250, 500, 750)
-
-
-def candidate_prompts(prompt: str) -> dict:
-    """{(attribute, object index or None): (index of the true value, [prompt for each value])}.
-
-    One entry per attribute the prompt states: the background (object None),
-    and each object's shape, colour, pattern and size.
-    """
-    from ..world.prompts import describe, parse
-
-    scene = parse(prompt)
-    tests = {}
-    if scene.background is not None:
-        tests[("background", None)] = (BACKGROUNDS.index(scene.background),
-                                       [describe(dataclasses.replace(scene, background=b)) for b in BACKGROUNDS])
-    for index, subject in enumerate(scene.objects):
-        for name in ATTRIBUTES[1:]:
-            value = getattr(subject, name)
-            if value is None:
-                continue
-            values = ATTRIBUTE_VALUES[name]
-            variants = []
-            for v in values:
-                objects = list(scene.objects)
-                objects[index] = dataclasses.replace(subject, **{name: v})
-                variants.append(describe(dataclasses.replace(scene, objects=tuple(objects))))
-            tests[(name, index)] = (values.index(value), variants)
-    return tests
 
 
 def object_masks(truths, latent_shape, size: int, temporal_stride: int) -> list:
@@ -104,7 +77,7 @@ def score_clip(model, text_encoder, latents, masks, prompt, timesteps, generator
     def region(index):
         return no_object if index is None else masks[index]
 
-    tests = {key: test for key, test in candidate_prompts(prompt).items() if region(key[1]).any()}
+    tests = {key: test for key, test in one_word_variants(prompt).items() if region(key[1]).any()}
     if not tests:
         return []
     prompts = sorted({p for _, variants in tests.values() for p in variants})

@@ -233,6 +233,35 @@ def parse(prompt: str):
     _fail(prompt, "a scene description starts with 'a'/'an', a timeline sentence with 'the'")
 
 
+def one_word_variants(prompt: str) -> dict:
+    """{(attribute, object index or None): (index of the true value, [prompt for each value])}.
+
+    One entry per attribute the scene description states: the background
+    (object None), and each object's size, colour, pattern and shape. Each
+    variant differs from `prompt` in that one word; the one at the true
+    value's index is `prompt` itself, as `describe` writes it.
+    """
+    import dataclasses
+
+    scene = parse(prompt)
+    variants = {}
+    if scene.background is not None:
+        variants[("background", None)] = (BACKGROUNDS.index(scene.background),
+                                          [describe(dataclasses.replace(scene, background=b)) for b in BACKGROUNDS])
+    for index, subject in enumerate(scene.objects):
+        for name, values in (("shape", SHAPES), ("colour", COLOUR_NAMES), ("pattern", PATTERNS), ("size", SIZES)):
+            value = getattr(subject, name)
+            if value is None:
+                continue
+            prompts = []
+            for v in values:
+                objects = list(scene.objects)
+                objects[index] = dataclasses.replace(subject, **{name: v})
+                prompts.append(describe(dataclasses.replace(scene, objects=tuple(objects))))
+            variants[(name, index)] = (values.index(value), prompts)
+    return variants
+
+
 # ----------------------------------------------------------------------------- random prompts
 
 
