@@ -3,9 +3,9 @@
 A subject covers a few % of a toy frame, so its shape word changes the flow
 of a few latent pixels, by a little (a circle and a square of the same
 colour differ in their corners). Plain flow matching, even weighted towards
-the subjects, leaves that word unused: `tether bench binding` finds the
-built-in teacher at chance on shape after 5,500 steps, while it binds the
-background and, partly, the colour.
+the subjects, leaves that word unused: after 5,500 steps `tether bench
+binding` finds the built-in teacher near chance on shape (32 %, chance 20 %),
+while it binds the background (100 %) and, partly, the colour (78 %).
 
 This turns the ranking `bench binding` measures into a loss. For a clip,
 its prompt and a variant with one of the subject's attribute words swapped

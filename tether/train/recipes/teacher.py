@@ -123,10 +123,8 @@ class Teacher(Recipe):
         self.text_checked = False
 
     def _embed(self, prompts):
-        if self.frozen_text:
-            with torch.no_grad():
-                return self.text_encoder.embed(prompts)
-        return self.text_encoder.embed(prompts)
+        with torch.set_grad_enabled(not self.frozen_text):
+            return self.text_encoder.embed(prompts)
 
     def _check_text_space(self, prompts, stored):
         """The dataset was embedded by text.source's encoder, or the contrast would compare two text spaces."""
@@ -142,8 +140,7 @@ class Teacher(Recipe):
         size = self.batch_size * trainer.world_size
         for micro in range(trainer.accumulation):
             g = trainer.shared_generator(step, "batch", micro)
-            with_masks = bool(self.object_weight or self.contrast)
-            options = {"with_masks": True} if with_masks else {}
+            options = {"with_masks": True} if self.object_weight or self.contrast else {}
             if self.text_encoder is None:
                 latents, text, *masks = self.data.batch(g, size, **options)
             else:
