@@ -16,6 +16,7 @@ None. Timelines chain prompts: "a red circle bounces on grass[4s] | the circle
 turns green[4s] | a green circle rests in the snow[3s#]" (`#` = scene cut).
 """
 
+import dataclasses
 import re
 
 from tether.errors import TetherError
@@ -241,8 +242,6 @@ def one_word_variants(prompt: str) -> dict:
     variant differs from `prompt` in that one word; the one at the true
     value's index is `prompt` itself, as `describe` writes it.
     """
-    import dataclasses
-
     scene = parse(prompt)
     variants = {}
     if scene.background is not None:
