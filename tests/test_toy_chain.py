@@ -374,7 +374,14 @@ def test_chain_defaults_are_the_built_in_models_recipe_and_the_users_overrides_w
     from tether.train.toy import ToyChain
 
     chain = ToyChain(tmp_path)
-    assert len(chain.phases["teacher"]) == 3 and chain.phase_name("teacher", 0) == "teacher-phase1"
+    assert len(chain.phases["teacher"]) == 4 and chain.phase_name("teacher", 0) == "teacher-phase1"
+    # The last teacher phase adds word contrast, whose variant prompts need the chain's own text encoder.
+    wiring = []
+    chain._train = lambda recipe, extra=(), run_name=None, last=(): wiring.append(list(extra)) or ({}, {})
+    chain.stage_teacher()
+    assert all(f"text.source={chain.text_folder}" in extra for extra in wiring) and len(wiring) == 4
+    contrast = chain.config_of("teacher", wiring[-1], last=chain.phases["teacher"][-1])
+    assert contrast["loss"]["word_contrast"]["weight"] == 0.3 and contrast["data"]["frames"] == 3
     assert chain.phases["vae"][-1] == ["steps=0", "export.frame_scale=true"] and chain.phase_name("vae", 3) == "vae"
     teacher = chain.config_of("teacher", chain._data_overrides())
     assert teacher["model"]["source"] == "toy-s4" and teacher["shift"] == 1.0

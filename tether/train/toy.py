@@ -24,7 +24,7 @@ the last is out/teacher (out/vae for the VAE).
 The chain's defaults are the recipe of the shipped built-in model (BUILT_IN
 below): the stride-4 VAE and `toy-s4` transformer, shift 1 in every recipe,
 the VAE's four phases (the last measures the per-frame latent scale), the
-teacher's three-phase crop curriculum, and ode-init on the teacher's 48-step
+teacher's four-phase crop curriculum (the last with word contrast), and ode-init on the teacher's 48-step
 shift-3 trajectories. Overrides are applied after them, so
 `teacher.phases=[[]]` is a single teacher run and `teacher.model.source=toy`
 the stride-8 transformer.
@@ -83,11 +83,15 @@ BUILT_IN_PHASES = {
     # gives each latent frame index its own scale (the causal encoder's first frames are weak).
     "vae": [["steps=1800"], ["steps=4000"], ["steps=1000"], ["steps=0", "export.frame_scale=true"]],
     # The teacher's crop curriculum: whole clips, then 3-latent-frame crops with object-weighted loss at
-    # a larger batch, then whole clips again with that weighting.
+    # a larger batch, then whole clips again with that weighting. Last, crops with word contrast
+    # (tether.train.word_contrast): flow matching alone left the colour word half used, and weight 0.3
+    # keeps most of the colour it gains for the least background (docs/built_in_model_log.md).
     "teacher": [
         ["steps=2500"],
         ["data.frames=3", "batch_size=28", "optimizer.lr=4.0e-4", "loss.object_weight=4.0", "steps=1500"],
         ["loss.object_weight=4.0", "steps=1500"],
+        ["data.frames=3", "batch_size=28", "optimizer.lr=1.0e-4", "optimizer.warmup=50", "loss.object_weight=4.0",
+         "loss.word_contrast={weight: 0.3, margin: 0.2, min_timestep: 500, attributes: [shape, colour]}", "steps=400"],
     ],
 }
 
@@ -285,7 +289,9 @@ class ToyChain:
         return last, report
 
     def stage_teacher(self) -> str:
-        last, _ = self._train_phases("teacher", self._data_overrides(), "transformer.safetensors")
+        # text.source: the encoder that embedded the dataset, for word contrast's variant prompts.
+        last, _ = self._train_phases("teacher", self._data_overrides() + [f"text.source={self.text_folder}"],
+                                     "transformer.safetensors")
         loss = f"final loss {last.get('loss', float('nan')):.4g}" if last else ""
         return (self._phase_count("teacher") + loss).strip(", ")
 
