@@ -24,8 +24,9 @@ the last is out/teacher (out/vae for the VAE).
 The chain's defaults are the recipe of the shipped built-in model (BUILT_IN
 below): the stride-4 VAE and `toy-s4` transformer, shift 1 in every recipe,
 the VAE's four phases (the last measures the per-frame latent scale), the
-teacher's four-phase crop curriculum (the last with word contrast), and ode-init on the teacher's 48-step
-shift-3 trajectories. Overrides are applied after them, so
+teacher's four-phase crop curriculum (the last with word contrast), and
+ode-init on the teacher's 48-step shift-3 trajectories. Overrides are applied
+after them, so
 `teacher.phases=[[]]` is a single teacher run and `teacher.model.source=toy`
 the stride-8 transformer.
 
