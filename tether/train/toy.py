@@ -78,6 +78,8 @@ BUILT_IN = {
     "ode-init": ["shift=1.0", "ode.steps=48", "ode.shift=3.0"],
     **{recipe: ["shift=1.0"] for recipe in ("self-forcing", "cf-teacher", "cf-stage1", "cf-stage2", "gf-stage1", "gf-stage2")},
 }
+# 3-latent-frame crops at a larger batch, with the loss weighted towards the subjects.
+_TEACHER_CROPS = ["data.frames=3", "batch_size=28", "loss.object_weight=4.0"]
 # Each phase continues the previous phase's export with a fresh optimiser.
 BUILT_IN_PHASES = {
     # The VAE was still gaining ~0.5 dB per 1,000 steps at 5,800; the last phase trains nothing and
@@ -89,10 +91,10 @@ BUILT_IN_PHASES = {
     # keeps most of the colour it gains for the least background (docs/built_in_model_log.md).
     "teacher": [
         ["steps=2500"],
-        ["data.frames=3", "batch_size=28", "optimizer.lr=4.0e-4", "loss.object_weight=4.0", "steps=1500"],
+        _TEACHER_CROPS + ["optimizer.lr=4.0e-4", "steps=1500"],
         ["loss.object_weight=4.0", "steps=1500"],
-        ["data.frames=3", "batch_size=28", "optimizer.lr=1.0e-4", "optimizer.warmup=50", "loss.object_weight=4.0",
-         "loss.word_contrast={weight: 0.3, margin: 0.2, min_timestep: 500, attributes: [shape, colour]}", "steps=400"],
+        _TEACHER_CROPS + ["optimizer.lr=1.0e-4", "optimizer.warmup=50", "steps=400",
+                          "loss.word_contrast={weight: 0.3, margin: 0.2, min_timestep: 500, attributes: [shape, colour]}"],
     ],
 }
 
