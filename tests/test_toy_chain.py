@@ -389,6 +389,7 @@ def test_chain_defaults_are_the_built_in_models_recipe_and_the_users_overrides_w
     ode = chain.config_of("ode-init", ["model.source=some/teacher.safetensors"])
     assert ode["model"]["source"] == "some/teacher.safetensors"  # the chain's wiring beats the defaults
     assert ode["ode"]["steps"] == 48 and ode["ode"]["shift"] == 3.0 and ode["shift"] == 1.0
+    assert ode["ode"]["guidance"] == 3.0  # the DMD real score's guidance
     assert chain.config_of("vae")["model"]["source"] == "toy-s4"
     mine = ToyChain(tmp_path, overrides=["teacher.model.source=toy", "teacher.shift=5.0", "teacher.phases=[[steps=7]]"])
     teacher = mine.config_of("teacher", last=mine.phases["teacher"][0])
