@@ -351,10 +351,11 @@ def test_vae_phases_continue_from_the_previous_phase_folder(tmp_path, monkeypatc
     (tmp_path / "vae-phase2" / "export").mkdir(parents=True)
     (tmp_path / "vae-phase2" / "export" / VAE_WEIGHTS).write_bytes(b"")
     note = chain.stage_vae()
-    second, third = (tmp_path / f"vae-phase{i}" / "export" for i in (2, 3))
+    second, third, fourth = (tmp_path / f"vae-phase{i}" / "export" for i in (2, 3, 4))
     assert calls == [("vae-phase3", ["steps=1000", f"model.source={second}"]),
-                     ("vae", ["steps=0", "export.frame_scale=true", f"model.source={third}"])]
-    assert chain.done("vae") and note == "4 phases, held-out PSNR 24.50 dB"
+                     ("vae-phase4", ["steps=0", "export.frame_scale=true", f"model.source={third}"]),
+                     ("vae", ["model.train=decoder", "data.warmup=12", "steps=1200", f"model.source={fourth}"])]
+    assert chain.done("vae") and note == "5 phases, held-out PSNR 24.50 dB"
     assert chain.config_of("vae", last=chain.phases["vae"][0])["steps"] == 1800
 
 
@@ -382,7 +383,10 @@ def test_chain_defaults_are_the_built_in_models_recipe_and_the_users_overrides_w
     assert all(f"text.source={chain.text_folder}" in extra for extra in wiring) and len(wiring) == 4
     contrast = chain.config_of("teacher", wiring[-1], last=chain.phases["teacher"][-1])
     assert contrast["loss"]["word_contrast"]["weight"] == 0.3 and contrast["data"]["frames"] == 3
-    assert chain.phases["vae"][-1] == ["steps=0", "export.frame_scale=true"] and chain.phase_name("vae", 3) == "vae"
+    assert chain.phases["vae"][-2] == ["steps=0", "export.frame_scale=true"] and chain.phase_name("vae", 4) == "vae"
+    # The last VAE phase fine-tunes the decoder alone, behind warmed-up caches, from the frame-scaled export.
+    decoder = chain.config_of("vae", last=chain.phases["vae"][-1])
+    assert decoder["model"]["train"] == "decoder" and decoder["data"]["warmup"] == 12 and decoder["data"]["crop"] == 6
     teacher = chain.config_of("teacher", chain._data_overrides())
     assert teacher["model"]["source"] == "toy-s4" and teacher["shift"] == 1.0
     assert teacher["data"]["path"] == str(tmp_path / "dataset")

@@ -23,7 +23,8 @@ the last is out/teacher (out/vae for the VAE).
 
 The chain's defaults are the recipe of the shipped built-in model (BUILT_IN
 below): the stride-4 VAE and `toy-s4` transformer, shift 1 in every recipe,
-the VAE's four phases (the last measures the per-frame latent scale), the
+the VAE's five phases (the fourth measures the per-frame latent scale, the
+last trains the decoder alone behind warmed-up causal caches), the
 teacher's four-phase crop curriculum (the last with word contrast), and
 ode-init on the teacher's 48-step shift-3 trajectories. Overrides are applied
 after them, so
@@ -82,9 +83,13 @@ BUILT_IN = {
 _TEACHER_CROPS = ["data.frames=3", "batch_size=28", "loss.object_weight=4.0"]
 # Each phase continues the previous phase's export with a fresh optimiser.
 BUILT_IN_PHASES = {
-    # The VAE was still gaining ~0.5 dB per 1,000 steps at 5,800; the last phase trains nothing and
-    # gives each latent frame index its own scale (the causal encoder's first frames are weak).
-    "vae": [["steps=1800"], ["steps=4000"], ["steps=1000"], ["steps=0", "export.frame_scale=true"]],
+    # The VAE was still gaining ~0.5 dB per 1,000 steps at 5,800; the fourth phase trains nothing and
+    # gives each latent frame index its own scale (the causal encoder's first frames are weak). The last
+    # trains the decoder alone behind warmed-up causal caches: generation decodes one long stream, whose
+    # steady state 21-frame clips never reach (a colour cast from frame ~30 on). The encoder, and so the
+    # latent space every transformer learns, is the fourth phase's.
+    "vae": [["steps=1800"], ["steps=4000"], ["steps=1000"], ["steps=0", "export.frame_scale=true"],
+            ["model.train=decoder", "data.warmup=12", "steps=1200"]],
     # The teacher's crop curriculum: whole clips, then 3-latent-frame crops with object-weighted loss at
     # a larger batch, then whole clips again with that weighting. Last, crops with word contrast
     # (tether.train.word_contrast): flow matching alone left the colour word half used, and weight 0.3
