@@ -349,7 +349,9 @@ class Runner:
                     strip[index] = frames[index - first]
 
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        video = self.runs_dir / (f"{key}.mp4" if self.keep_videos else f".{key}.tmp.mp4")
+        # The scratch name carries the process id: processes that split the rows between them
+        # (`--models`/`--policies`) may reach the same run, and must not delete each other's video.
+        video = self.runs_dir / (f"{key}.mp4" if self.keep_videos else f".{key}.{os.getpid()}.tmp.mp4")
         started = time.perf_counter()
         with torch.no_grad():
             frames = write_video(pipe, timeline, video, policy=row["policy"], seed=seed, progress=False, on_frames=keep)
@@ -377,13 +379,13 @@ def save_strip(image: np.ndarray, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.image
 
-    tmp = path.with_suffix(".tmp.png")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.png")
     matplotlib.image.imsave(tmp, image)
     os.replace(tmp, path)
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)  # a kill never leaves a torn result that a rerun would trust
 
