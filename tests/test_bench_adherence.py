@@ -110,3 +110,34 @@ def test_teacher_is_sampled_on_the_bundles_grid_unless_told_otherwise(monkeypatc
     assert report["teacher_sampling"]["steps"] == sampling["steps"]
     adherence.run(None, teacher, clips=1, student=False, progress=False, teacher_steps=7, shift=2.0)
     assert grids[-1] == (7, 2.0)
+
+
+def test_two_colours_shown_names_a_colour_leaking_between_subjects(one_thread):
+    from tether.bench.adherence import two_colours_shown
+    from tether.world import parse
+
+    def reading(*colours):
+        return {"objects": [{"present": True, "colour": c} for c in colours] + [{"present": False, "colour": "red"}]}
+
+    scene = parse("a red circle bounces and a blue square rests on grass")
+    assert two_colours_shown([reading("red", "blue"), reading("red", "red"), reading("blue"), reading()], scene) == 0.5
+    assert two_colours_shown([reading("red")], scene) is None  # never both in view
+    assert two_colours_shown([reading("red", "blue")], parse("a red circle and a square rest on grass")) is None
+    # The world's own render of a two-colour prompt shows two colours whenever both subjects are in view.
+    probe = load_probe(str(PROBE_PATH))
+    prompt = "a large red solid circle rests and a large blue solid square rests on grass"
+    frames, _ = render_clip(prompt, 17, seed=0)
+    score = score_clip(probe, prompt, frames)
+    assert score["subjects"] == 2 and score["two_colours"] >= 0.9
+
+
+def test_summary_splits_adherence_by_the_number_of_subjects():
+    def clip(subjects, colour, two_colours=None):
+        return {"adherence": {"colour": colour}, "identity": {}, "scored_frames": 81, "frames": 81,
+                "subjects": subjects, "two_colours": two_colours}
+
+    summary = summarise([clip(1, 1.0), clip(1, 0.8), clip(2, 0.5, 0.25), clip(2, 0.7, 0.75)])
+    assert np.isclose(summary["by_subjects"]["one"]["colour"]["mean"], 0.9)
+    assert np.isclose(summary["by_subjects"]["two"]["colour"]["mean"], 0.6)
+    assert summary["two_colours"]["mean"] == 0.5 and summary["two_colours"]["clips"] == 2
+    assert summary["by_subjects"]["two"]["shape"]["clips"] == 0

@@ -14,6 +14,7 @@ from tether.train.toy_data import build_latent_dataset
 from tether.train.word_contrast import swapped_prompt, word_contrast_loss
 from tether.vae import LatentCodec, load_vae
 from tether.world import parse, vocabulary
+from tether.world.prompts import one_word_variants
 
 
 def test_a_swapped_prompt_changes_one_stated_subject_word_and_nothing_else():
@@ -84,3 +85,26 @@ def test_the_teacher_recipe_trains_with_word_contrast_and_refuses_a_foreign_text
         Trainer(load_config("teacher", overrides=foreign), tmp_path / "run2", progress=False).run()
     with pytest.raises(TetherError, match="text.source"):
         Trainer(load_config("teacher", overrides=overrides[:8] + overrides[9:]), tmp_path / "run3", progress=False).run()
+
+
+def test_a_leak_variant_gives_one_subject_the_other_subjects_stated_value():
+    prompt = "a red striped circle bounces and a large blue square rests on grass"
+    generator = torch.Generator().manual_seed(0)
+    leaked = {tuple((o.colour, o.shape) for o in parse(swapped_prompt(prompt, ("colour", "shape"), generator, leak=1.0)).objects)
+              for _ in range(100)}
+    assert leaked == {(("blue", "circle"), ("blue", "square")), (("red", "circle"), ("red", "square")),
+                      (("red", "square"), ("blue", "square")), (("red", "circle"), ("blue", "circle"))}
+    # Nothing to leak where only one subject states the attribute, or both state the same value.
+    assert parse(swapped_prompt(prompt, ("size",), generator, leak=1.0)).objects[1].size != "large"
+    same = "a red circle bounces and a red square rests on grass"
+    assert {parse(swapped_prompt(same, ("colour",), generator, leak=1.0)).objects[0].colour for _ in range(50)} - {"red"}
+    # leak=0 draws what plain swaps drew before leak variants existed (the shipped teacher's phase):
+    # a stated word, then one of its other values, two draws and nothing else.
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    entries = [e for (name, index), e in one_word_variants(prompt).items() if index is not None and name == "colour"]
+    expected = []
+    for _ in range(20):
+        truth, variants = entries[torch.randint(len(entries), (1,), generator=b).item()]
+        other = torch.randint(len(variants) - 1, (1,), generator=b).item()
+        expected.append(variants[other + (other >= truth)])
+    assert [swapped_prompt(prompt, ("colour",), a, leak=0.0) for _ in range(20)] == expected

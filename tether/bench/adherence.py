@@ -102,10 +102,28 @@ def score_clip(probe, prompt: str, frames: np.ndarray) -> dict:
     parsed = parse_world_timeline([prompt])
     if parsed is None:
         raise TetherError(f"not a toy-world prompt: {prompt!r}")
-    metrics = toy_metrics(probe.read(frames), parsed, [(0, len(frames))])
+    readings = probe.read(frames)
+    metrics = toy_metrics(readings, parsed, [(0, len(frames))])
     segment = metrics["segments"][0]
     return {"adherence": segment["adherence"], "identity": segment["identity"],
-            "scored_frames": segment["scored_frames"], "frames": len(frames)}
+            "scored_frames": segment["scored_frames"], "frames": len(frames), "subjects": len(parsed[0].objects),
+            "two_colours": two_colours_shown(readings, parsed[0])}
+
+
+def two_colours_shown(readings: list, scene) -> float | None:
+    """Of the frames showing two subjects, the share whose colours differ; None unless the prompt
+    states two different colours and some frame shows two subjects.
+
+    Colour adherence matches each stated subject to its best detection, so a model that paints
+    both subjects one colour still scores half of them right: this names that failure (colour
+    leaking from one subject to the other) on its own.
+    """
+    colours = [o.colour for o in scene.objects]
+    if len(colours) != 2 or None in colours or colours[0] == colours[1]:
+        return None
+    shown = [[d["colour"] for d in r["objects"] if d["present"]] for r in readings]
+    pairs = [c for c in shown if len(c) == 2]
+    return float(np.mean([c[0] != c[1] for c in pairs])) if pairs else None
 
 
 def summarise(clips: list) -> dict:
@@ -115,20 +133,26 @@ def summarise(clips: list) -> dict:
     scored on clips where the probe finds the subject, often a few dozen of a
     hundred, and two models' difference means little until it exceeds that.
     """
-    def mean_of(kind, attribute):
-        values = [c[kind][attribute] for c in clips if c[kind].get(attribute) is not None]
-        stderr = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
-        return {"mean": float(np.mean(values)) if values else None, "stderr": stderr, "clips": len(values)}
-
-    adherence = {a: mean_of("adherence", a) for a in ATTRIBUTES}
-    identity = {a: mean_of("identity", a) for a in ATTRIBUTES[1:]}
+    adherence = {a: summarise_values([c["adherence"].get(a) for c in clips]) for a in ATTRIBUTES}
+    identity = {a: summarise_values([c["identity"].get(a) for c in clips]) for a in ATTRIBUTES[1:]}
     passed = {a: adherence[a]["mean"] is not None and adherence[a]["mean"] >= BARS[a] for a in ATTRIBUTES}
     unscored = sum(c["scored_frames"] == 0 for c in clips)
     # "Some frame shows a subject" is a weak test (the probe sometimes reads a blob of texture as one);
     # the share of frames is what tells a drawn, lasting subject from a flicker.
     subject_frames = float(np.mean([c["scored_frames"] / c["frames"] for c in clips])) if clips else None
+    # One- and two-subject prompts fail differently (two subjects: attributes leak between them).
+    by_subjects = {count: {a: summarise_values([c["adherence"].get(a) for c in clips if c.get("subjects") == n])
+                           for a in ATTRIBUTES} for n, count in ((1, "one"), (2, "two"))}
     return {"adherence": adherence, "identity": identity, "bars": BARS, "passed": passed,
-            "clips_without_subject": unscored, "subject_frames": subject_frames}
+            "clips_without_subject": unscored, "subject_frames": subject_frames, "by_subjects": by_subjects,
+            "two_colours": summarise_values([c.get("two_colours") for c in clips])}
+
+
+def summarise_values(values: list) -> dict:
+    """{"mean", "stderr" (over the values), "clips"} of the values that are not None."""
+    values = [v for v in values if v is not None]
+    stderr = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+    return {"mean": float(np.mean(values)) if values else None, "stderr": stderr, "clips": len(values)}
 
 
 def run(checkpoint=None, teacher_path=None, clips: int = 100, seed: int = 0, policy: str | None = None,
@@ -210,6 +234,12 @@ def format_report(report: dict) -> str:
         f"{_percent(_mean([v['mean'] for v in report[n]['identity'].values()])):>16}" for n in names))
     lines.append(f"{'subject seen':<12}" + "".join(f"{_percent(report[n]['subject_frames']):>16}" for n in names)
                  + "  (share of frames where the probe finds a subject)")
+    for count in ("one", "two"):
+        lines.append(f"{'colour, ' + count:<12}" + "".join(
+            f"{_with_error(report[n]['by_subjects'][count]['colour']):>16}" for n in names)
+            + f"  (prompts with {count} subject{'s' if count == 'two' else ''})")
+    lines.append(f"{'two colours':<12}" + "".join(f"{_with_error(report[n]['two_colours']):>16}" for n in names)
+                 + "  (frames showing both subjects of a two-colour prompt: share in two colours)")
     return "\n".join(lines)
 
 

@@ -20,6 +20,14 @@ and the same margin fits every timestep. It is zero once the prompt's word
 is used by that margin, and never rewards pushing the variant's flow further
 away than that. Only timesteps from `min_timestep` up take part: at low
 noise the latents show the subject, and the word has nothing to add.
+
+Leak variants (`leak`: a probability). In a two-subject scene the models
+paint both subjects the colour of one of them ("a red square and a blue
+circle" comes out as two red blobs): of the frames where the built-in
+student shows two subjects, 25 % show two colours. A random swap rarely
+names that failure. A leak variant does: one subject takes the other's
+stated value ("... and a red circle"), so the true prompt must beat the
+prompt that describes the leaked picture.
 """
 
 import torch
@@ -29,10 +37,20 @@ from ..world.prompts import one_word_variants
 SUBJECT_ATTRIBUTES = ("shape", "colour", "pattern", "size")
 
 
-def swapped_prompt(prompt: str, attributes, generator: torch.Generator) -> str | None:
-    """`prompt` with one stated subject attribute (from `attributes`) set to another value; None if none is stated."""
-    choices = [(truth, variants) for (name, index), (truth, variants) in one_word_variants(prompt).items()
-               if index is not None and name in attributes]
+def swapped_prompt(prompt: str, attributes, generator: torch.Generator, leak: float = 0.0) -> str | None:
+    """`prompt` with one stated subject attribute (from `attributes`) set to another value; None if none is stated.
+
+    With probability `leak`, where two subjects state different values of an attribute, the other
+    value is the other subject's (a leak variant; see the module docstring).
+    """
+    stated = {key: entry for key, entry in one_word_variants(prompt).items()
+              if key[1] is not None and key[0] in attributes}
+    leaks = [(variants, stated[(name, 1 - index)][0]) for (name, index), (truth, variants) in stated.items()
+             if (name, 1 - index) in stated and stated[(name, 1 - index)][0] != truth]
+    if leaks and leak > 0 and torch.rand(1, generator=generator).item() < leak:  # leak 0 keeps the old random stream
+        variants, other_value = leaks[torch.randint(len(leaks), (1,), generator=generator).item()]
+        return variants[other_value]
+    choices = list(stated.values())
     if not choices:
         return None
     truth, variants = choices[torch.randint(len(choices), (1,), generator=generator).item()]

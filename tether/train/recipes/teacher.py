@@ -11,7 +11,7 @@ the export then writes the trained encoder to `text_encoder/`. That is the
 toy-world issue's "frozen-random or trained text encoder" question, asked of
 the teacher, where prompt following is learnt.
 
-`loss.word_contrast: {weight, margin, min_timestep, attributes}` adds
+`loss.word_contrast: {weight, margin, min_timestep, attributes, leak}` adds
 tether.train.word_contrast's loss (toy datasets: it swaps words of the
 world's prompt grammar); a frozen text encoder for the variant prompts comes
 from `text.source`.
@@ -100,8 +100,8 @@ class Teacher(Recipe):
             self._setup_word_contrast(text_cfg)
 
     def _setup_word_contrast(self, text_cfg):
-        """`loss.word_contrast: {weight, margin, min_timestep, attributes}`: see tether.train.word_contrast."""
-        known = {"weight", "margin", "min_timestep", "attributes"}
+        """`loss.word_contrast: {weight, margin, min_timestep, attributes, leak}`: see tether.train.word_contrast."""
+        known = {"weight", "margin", "min_timestep", "attributes", "leak"}
         if not isinstance(self.contrast, dict) or set(self.contrast) - known:
             raise TetherError(f"loss.word_contrast is a mapping of {', '.join(sorted(known))}")
         if getattr(self.data, "masks", None) is None or getattr(self.data, "prompts", None) is None:
@@ -120,6 +120,9 @@ class Teacher(Recipe):
         self.contrast_weight = float(self.contrast.get("weight", 1.0))
         self.contrast_margin = float(self.contrast.get("margin", 0.1))
         self.contrast_min_timestep = float(self.contrast.get("min_timestep", 500))
+        self.contrast_leak = float(self.contrast.get("leak", 0.0))
+        if not 0.0 <= self.contrast_leak <= 1.0:
+            raise TetherError(f"loss.word_contrast.leak is a probability in [0, 1], got {self.contrast_leak}")
         self.text_checked = False
 
     def _embed(self, prompts):
@@ -159,7 +162,7 @@ class Teacher(Recipe):
             with trainer.autocast():
                 if self.contrast:
                     mine = slice(trainer.rank * self.batch_size, (trainer.rank + 1) * self.batch_size)
-                    variants = [swapped_prompt(p, self.contrast_attributes, g) if kept and t >= self.contrast_min_timestep
+                    variants = [swapped_prompt(p, self.contrast_attributes, g, self.contrast_leak) if kept and t >= self.contrast_min_timestep
                                 else None for p, kept, t in zip(prompts, keep.flatten().tolist(), timesteps.tolist())]
                     loss, contrast = self._loss_with_contrast(share(latents), share(text * keep), share(timesteps),
                                                               share(noise), None if weight is None else share(weight),
