@@ -16,6 +16,7 @@ def add_bench_parser(subparsers) -> None:
     _add_adherence_parser(benchmarks)
     _add_latents_parser(benchmarks)
     _add_binding_parser(benchmarks)
+    _add_texture_parser(benchmarks)
 
 
 def _add_cost_parser(benchmarks) -> None:
@@ -140,3 +141,19 @@ def _run_speed(args) -> int:
     from .speed import main
 
     return main(args)
+
+
+def _add_texture_parser(benchmarks) -> None:
+    p = benchmarks.add_parser(
+        "texture", help="how much of the toy world's stripes and dots a VAE's round trip keeps",
+        description="Render test clips with patterned and with solid subjects, round-trip both through the model's "
+                    "VAE, and report how much of the pattern (its mean shade, and its texture at the pattern's own "
+                    "frequency) the decoded difference keeps.")
+    p.add_argument("--checkpoint", help="a toy bundle folder (default: the built-in model)")
+    p.add_argument("--scales", default="1", help="pattern scales to render, comma-separated (default 1: the world's own)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per test prompt (default 2)")
+    p.add_argument("--prompts", type=int, default=4, help="test prompts, one per shape and background (1 to 4, default 4)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--json", help="write the report to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=lambda args: __import__("tether.bench.texture", fromlist=["main"]).main(args))

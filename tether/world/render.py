@@ -12,6 +12,7 @@ so what an object looks like never depends on how many frames are rendered.
 
 import math
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple, Optional
@@ -40,6 +41,10 @@ WRAP_GAP = 4.0  # world px a wrapping drifter spends fully off-frame (about 5 fr
 
 BACKGROUND_TILE_WIDTH = 4 * WORLD_SIZE  # the background repeats every 256 world px of camera travel
 OUTLINE_RGB = np.array([22.0, 22.0, 24.0], dtype=np.float32)
+# Surface patterns, in world px: stripe period, dot spacing, and dot radius (dense enough that a
+# small star still shows several dots). `pattern_scale` renders them coarser, for experiments.
+STRIPE_PERIOD, DOT_PERIOD, DOT_RADIUS = 5.0, 4.0, 1.0
+_pattern_scale = [1.0]
 
 # Half width of each shape in units of the nominal radius (half of
 # SIZE_DIAMETERS), chosen so that all shapes look about equally big.
@@ -598,18 +603,31 @@ def _coverage_at(look: tuple, cx, cy, scale: float, px, py):
     return np.clip(0.5 - _shape_distance(shape, dx, dy, half_width), 0, 1) * inside
 
 
+@contextmanager
+def pattern_scale(factor: float):
+    """Render stripes and dots `factor` times coarser inside the block (the world's own scale is 1)."""
+    if factor <= 0:
+        raise TetherError(f"pattern scale must be positive, got {factor}")
+    previous, _pattern_scale[0] = _pattern_scale[0], float(factor)
+    try:
+        yield
+    finally:
+        _pattern_scale[0] = previous
+
+
 def _paint(look: tuple, dx, dy, distance, scale: float):
     """RGB of the object at the given pixels: pattern fill inside a dark outline."""
     _, colour, pattern, _ = look
     base = np.array(COLOURS[colour], dtype=np.float32)
+    coarser = _pattern_scale[0]
     if pattern == "striped":
-        stripes = np.clip(0.5 + 0.9 * np.sin(2 * np.pi * (dx + dy) / (5.0 * scale)), 0, 1)[:, None]
+        stripes = np.clip(0.5 + 0.9 * np.sin(2 * np.pi * (dx + dy) / (STRIPE_PERIOD * coarser * scale)), 0, 1)[:, None]
         fill = base * (1 - 0.55 * stripes)
     elif pattern == "dotted":
-        period = 4.0 * scale  # dense enough that a small star still shows several dots
+        period = DOT_PERIOD * coarser * scale
         gx, gy = dx / period, dy / period
         gap = np.hypot(gx - np.round(gx), gy - np.round(gy)) * period
-        dots = np.clip(1.0 * scale + 0.5 - gap, 0, 1)[:, None]
+        dots = np.clip(DOT_RADIUS * coarser * scale + 0.5 - gap, 0, 1)[:, None]
         fill = base * (1 - dots) + (0.2 * base + 0.8 * 255) * dots
     else:
         fill = np.broadcast_to(base, (len(dx), 3))
