@@ -15,7 +15,9 @@ same difference D is what the decoder draws of it. Two gains, each
                 probe) sees.
 
 `--scales` renders the patterns coarser (tether.world.render.pattern_scale),
-which says how coarse a pattern this VAE's latent grid can carry.
+which says how coarse a pattern this VAE's latent grid can carry. Periods are
+given along the frame's axes: the world's stripes are diagonal, so across them
+the period is 1/sqrt(2) of that (3.5 px at the world's own 5 px).
 """
 
 import json
