@@ -226,19 +226,19 @@ def format_report(report: dict) -> str:
     names = [n for n in ("student", "teacher") if n in report] + sorted(
         (n for n in report if n.startswith("teacher@")), key=lambda n: -int(n.split("@")[1])) + [
         n for n in ("vae", "truth") if n in report]
-    lines = [f"{'attribute':<12}" + "".join(f"{n:>16}" for n in names) + f"{'bar':>8}"]
+    lines = [f"{'attribute':<12}" + "".join(f"{n:>17}" for n in names) + f"{'bar':>8}"]
     for a in ATTRIBUTES:
-        cells = "".join(f"{_with_error(report[n]['adherence'][a]):>16}" for n in names)
+        cells = "".join(f"{_with_error(report[n]['adherence'][a]):>17}" for n in names)
         lines.append(f"{a:<12}{cells}{_percent(BARS[a]):>8}")
     lines.append(f"{'identity':<12}" + "".join(
-        f"{_percent(_mean([v['mean'] for v in report[n]['identity'].values()])):>16}" for n in names))
-    lines.append(f"{'subject seen':<12}" + "".join(f"{_percent(report[n]['subject_frames']):>16}" for n in names)
+        f"{_percent(_mean([v['mean'] for v in report[n]['identity'].values()])):>17}" for n in names))
+    lines.append(f"{'subject seen':<12}" + "".join(f"{_percent(report[n]['subject_frames']):>17}" for n in names)
                  + "  (share of frames where the probe finds a subject)")
     for count in ("one", "two"):
         lines.append(f"{'colour, ' + count:<12}" + "".join(
-            f"{_with_error(report[n]['by_subjects'][count]['colour']):>16}" for n in names)
+            f"{_with_error(report[n]['by_subjects'][count]['colour']):>17}" for n in names)
             + f"  (prompts with {count} subject{'s' if count == 'two' else ''})")
-    lines.append(f"{'two colours':<12}" + "".join(f"{_with_error(report[n]['two_colours']):>16}" for n in names)
+    lines.append(f"{'two colours':<12}" + "".join(f"{_with_error(report[n]['two_colours']):>17}" for n in names)
                  + "  (frames showing both subjects of a two-colour prompt: share in two colours)")
     return "\n".join(lines)
 
