@@ -84,16 +84,21 @@ def teacher_clip(pipe, teacher, prompt: str, seed: int, steps: int, shift: float
 
 def reference_clips(pipe, prompt: str, seed: int) -> dict:
     """The world's render of `prompt` (5 s) and the same render encoded and decoded by the pipeline's VAE."""
-    from ..pipeline import video_to_uint8
-    from ..train.toy_data import clips_to_video
     from ..world import render_clip
 
     frames, _ = render_clip(prompt, CLIP_FRAMES, seed=seed, size=pipe.height)
-    video = clips_to_video([frames])
-    with torch.no_grad():
-        latents = pipe.codec.encode(video.to(pipe.codec_dtype))
-        round_trip = video_to_uint8(pipe.codec.decode(latents))
-    return {"truth": frames, "vae": round_trip, "latents": latents}
+    decoded, latents = vae_round_trip(pipe, frames)
+    return {"truth": frames, "vae": decoded, "latents": latents}
+
+
+@torch.no_grad()
+def vae_round_trip(pipe, frames: np.ndarray) -> tuple:
+    """(uint8 frames [T, H, W, 3] decoded from `frames`' latents, the normalised latents)."""
+    from ..pipeline import video_to_uint8
+    from ..train.toy_data import clips_to_video
+
+    latents = pipe.codec.encode(clips_to_video([frames]).to(pipe.codec_dtype))
+    return video_to_uint8(pipe.codec.decode(latents)), latents
 
 
 def score_clip(probe, prompt: str, frames: np.ndarray) -> dict:

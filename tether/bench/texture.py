@@ -37,7 +37,7 @@ def texture_gain(rendered: np.ndarray, decoded: np.ndarray, pattern: str, period
     """<D, S> / <S, S> of the two pattern differences [T, H, W, 3] at the pattern's fundamental frequency."""
     height, width = rendered.shape[1:3]
     ys, xs = np.mgrid[0:height, 0:width] + 0.5
-    if pattern == "striped":  # the world's stripes run along x + y
+    if pattern == "striped":  # the world's stripes change phase along x + y
         waves = [np.exp(-2j * np.pi * (xs + ys) / period)]
     else:
         waves = [np.exp(-2j * np.pi * xs / period), np.exp(-2j * np.pi * ys / period)]
@@ -51,17 +51,15 @@ def texture_gain(rendered: np.ndarray, decoded: np.ndarray, pattern: str, period
 
 
 def run(checkpoint=None, scales=(1.0,), seeds: int = 2, prompts: int = len(PROMPTS), progress: bool = True) -> dict:
-    from ..pipeline import load_pipeline, video_to_uint8
-    from ..train.toy_data import clips_to_video
+    from ..pipeline import load_pipeline
     from ..world import render_clip
     from ..world.render import DOT_PERIOD, STRIPE_PERIOD, pattern_scale
+    from .adherence import vae_round_trip
 
     pipe = load_pipeline(checkpoint)
 
     def round_trip(frames):
-        with torch.no_grad():
-            video = clips_to_video([frames]).to(pipe.codec_dtype)
-            return video_to_uint8(pipe.codec.decode(pipe.codec.encode(video))).astype(np.float32)
+        return vae_round_trip(pipe, frames)[0].astype(np.float32)
 
     rows = []
     cases = [(p, s, z) for p in ("striped", "dotted") for s in scales for z in ("small", "large")]
