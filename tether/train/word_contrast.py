@@ -24,10 +24,13 @@ noise the latents show the subject, and the word has nothing to add.
 Leak variants (`leak`: a probability). In a two-subject scene the models
 paint both subjects the colour of one of them ("a red square and a blue
 circle" comes out as two red blobs): of the frames where the built-in
-student shows two subjects, 25 % show two colours. A random swap rarely
-names that failure. A leak variant does: one subject takes the other's
-stated value ("... and a red circle"), so the true prompt must beat the
-prompt that describes the leaked picture.
+student shows both subjects of a two-colour prompt, 27 % show two colours
+(`bench adherence`'s "two colours"). A random swap rarely names that failure.
+A leak variant does: one subject takes the other's stated value ("... and a
+red circle"), so the true prompt must beat the prompt that describes the
+leaked picture. Measured on the built-in teacher, it does not help: 400 steps
+left fewer frames in two colours (docs/built_in_model_log.md), so the chain
+does not use it.
 """
 
 import torch
